@@ -1,0 +1,12 @@
+"""`gpt2deploy` command line: thin commands that parse, call the library and print."""
+from __future__ import annotations
+
+from .app import app
+from . import export  # noqa: F401  (registers commands)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

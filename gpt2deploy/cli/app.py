@@ -1,0 +1,75 @@
+"""The Typer application and the error boundary shared by every command."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="gpt2deploy",
+    help="Export, quantize, check, package and run GPT-2-family models on ONNX Runtime.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from exporters.errors import ExportError
+    from quant.errors import QuantError
+
+    from ..errors import Gpt2DeployError
+
+    return (Gpt2DeployError, ExportError, QuantError)
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def command(fn):
+    """Turn library errors into one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except _known_errors() as e:
+            raise fail(str(e), getattr(e, "exit_code", 2)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; nothing was written", 130) from None
+        except MemoryError:
+            raise fail("out of memory; use a smaller model, batch or context", 1) from None
+        except OSError as e:
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise fail(f"{e.strerror or e}{where}; check the path, permissions and free disk space", 1) from None
+
+    return wrapper
+
+
+def say(message: str) -> None:
+    """Progress and summaries go to stderr so stdout stays for results (text, JSON)."""
+    typer.echo(message, err=True)
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"gpt2deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Export, quantize, check, package and run GPT-2-family models on ONNX Runtime."""

@@ -1,0 +1,139 @@
+"""`gpt2deploy export`: checkpoint -> package directory with the fp32 variant, proven equal to PyTorch."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .fsutil import check_output_dir, staged_dir
+from .manifest import CONFIG_FILES, FORMAT, SCHEMA_VERSION, TOKENIZER_FILES, VARIANT_FILES, file_entry, io_contract, save_manifest
+from .versions import library_versions
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+    export_seconds: float
+    parity_seconds: float
+
+
+def variant_entry(root: Path, name: str, files: list[str], precision: str, opset: int, recipe: dict, providers: list[str], **extra) -> dict:
+    """A manifest variant entry with file hashes computed from disk."""
+    entries = [file_entry(root, f) for f in files]
+    return {
+        "file": files[0],
+        "files": entries,
+        "size": sum(e["size"] for e in entries),
+        "precision": precision,
+        "opset": opset,
+        "recipe": recipe,
+        "providers": providers,
+        "libraries": library_versions(),
+        **extra,
+    }
+
+
+def _generation_defaults(ckpt_dir: Path, dims: dict) -> dict:
+    gen = {}
+    path = ckpt_dir / "generation_config.json"
+    if path.is_file():
+        try:
+            gen = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            gen = {}
+    keep = ("eos_token_id", "bos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "max_length")
+    out = {k: gen[k] for k in keep if k in gen and gen[k] is not None}
+    out.setdefault("eos_token_id", dims["eos_token_id"])
+    return out
+
+
+def export_package(
+    model: str,
+    out: str | Path,
+    opset: int | None = None,
+    force: bool = False,
+    atol: float | None = None,
+    progress: Progress = lambda msg: None,
+) -> ExportResult:
+    """Export ``model`` to a package at ``out`` (written to a temp dir, renamed at the end). Timings are returned, not recorded: the manifest stays deterministic."""
+    import exporters
+
+    opset = exporters.DEFAULT_OPSET if opset is None else opset
+    exporters.check_opset(opset)
+    out = check_output_dir(out, force)
+    ckpt = exporters.locate(model)
+    progress(f"loading {ckpt.source}")
+    torch_model = exporters.load_model(ckpt)
+    dims = exporters.model_dims(torch_model.config)
+    with staged_dir(out) as tmp:
+        progress(f"exporting {dims['n_layer']} layers x {dims['hidden_size']} hidden (opset {opset})")
+        t0 = time.perf_counter()
+        meta = exporters.export_onnx(torch_model, tmp / VARIANT_FILES["fp32"], opset=opset)
+        export_seconds = time.perf_counter() - t0
+        for name in (*CONFIG_FILES, *TOKENIZER_FILES):
+            src = ckpt.path / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / name)
+        if not (tmp / "tokenizer.json").is_file():
+            _write_fast_tokenizer(ckpt.path, tmp)
+        if not (tmp / "generation_config.json").is_file():
+            (tmp / "generation_config.json").write_text(json.dumps(_generation_defaults(ckpt.path, dims), indent=2) + "\n")
+        progress("validating parity with PyTorch")
+        t0 = time.perf_counter()
+        kwargs = {} if atol is None else {"atol": atol}
+        parity = exporters.validate(torch_model, tmp / VARIANT_FILES["fp32"], tmp / "tokenizer.json", **kwargs)
+        parity_seconds = time.perf_counter() - t0
+        fp32_files = [VARIANT_FILES["fp32"]]
+        if meta["external_data"]:
+            fp32_files.append(VARIANT_FILES["fp32"] + ".data")
+        shared = [n for n in (*CONFIG_FILES, *TOKENIZER_FILES) if (tmp / n).is_file()]
+        manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "gpt2deploy_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {
+                "model": ckpt.source,
+                "weights_files": ckpt.weight_files,
+                "weights_sha256": ckpt.weights_sha256(),
+                "n_params": meta["n_params"],
+            },
+            "model": dims,
+            "io": io_contract(dims["n_layer"], dims["n_head"], dims["head_dim"], dims["vocab_size"]),
+            "generation": _generation_defaults(ckpt.path, dims),
+            "files": {n: file_entry(tmp, n) for n in shared},
+            "variants": {
+                "fp32": variant_entry(
+                    tmp,
+                    "fp32",
+                    fp32_files,
+                    precision="fp32",
+                    opset=opset,
+                    recipe={"exporter": "torch.onnx.export(dynamo=True)", "optimize": True},
+                    providers=["CPUExecutionProvider", "CUDAExecutionProvider"],
+                    parity=parity,
+                )
+            },
+        }
+        save_manifest(tmp, manifest)
+    return ExportResult(out, manifest, export_seconds, parity_seconds)
+
+
+def _write_fast_tokenizer(ckpt_dir: Path, out: Path) -> None:
+    """Checkpoints with only vocab.json/merges.txt get a tokenizer.json for the runtime."""
+    from .errors import PackageError
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
+        tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    except Exception as e:
+        raise PackageError(f"{ckpt_dir} has no usable tokenizer ({type(e).__name__}); add tokenizer.json or vocab.json + merges.txt") from None

@@ -1,0 +1,103 @@
+"""The package manifest: schema, I/O contract, file entries.
+
+A package is a directory::
+
+    manifest.json           this schema (``schema_version``)
+    config.json, generation_config.json, tokenizer files
+    onnx/model.onnx         fp32 variant (+ model.onnx.data when > 2 GB)
+    onnx/model_int8.onnx    int8 variant, onnx/model_q4.onnx int4, onnx/model_fp16.onnx fp16
+
+The runtime reads dims and graph I/O names from here; it never imports exporter code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import __version__
+from .errors import PackageError
+from .fsutil import sha256_file, write_json_atomic
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FORMAT = "gpt2deploy-package"
+
+#: Variant name -> graph file, following transformers.js naming.
+VARIANT_FILES = {
+    "fp32": "onnx/model.onnx",
+    "int8": "onnx/model_int8.onnx",
+    "int4": "onnx/model_q4.onnx",
+    "fp16": "onnx/model_fp16.onnx",
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+CONFIG_FILES = ("config.json", "generation_config.json")
+
+BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL = "past_sequence_length + sequence_length"
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def io_contract(n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> dict:
+    """The graph I/O contract (Hugging Face Optimum names), KV layout [batch, heads, seq, head_dim]."""
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": [BATCH, SEQ]},
+        {"name": "attention_mask", "dtype": "int64", "shape": [BATCH, TOTAL]},
+        {"name": "position_ids", "dtype": "int64", "shape": [BATCH, SEQ]},
+    ]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": [BATCH, SEQ, vocab_size]}]
+    for i in range(n_layer):
+        for kind in ("key", "value"):
+            inputs.append({"name": past_name(i, kind), "dtype": "float32", "shape": [BATCH, n_head, PAST, head_dim]})
+            outputs.append({"name": present_name(i, kind), "dtype": "float32", "shape": [BATCH, n_head, TOTAL, head_dim]})
+    return {"inputs": inputs, "outputs": outputs, "kv_layout": "batch,heads,sequence,head_dim"}
+
+
+def file_entry(root: str | Path, rel: str) -> dict:
+    p = Path(root) / rel
+    return {"path": rel, "sha256": sha256_file(p), "size": p.stat().st_size}
+
+
+def load_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    if not root.exists():
+        raise PackageError(f"package {root} does not exist; pass a directory written by 'gpt2deploy export' or 'build'")
+    if not root.is_dir():
+        raise PackageError(f"package path {root} is a file; pass the package directory")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise PackageError(
+            f"{root} is not a gpt2deploy package (no {MANIFEST_NAME}); create one with 'gpt2deploy export MODEL -o {root}'"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PackageError(f"{path} is not valid JSON ({e}); re-create the package with 'gpt2deploy export' or 'build'") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise PackageError(f"{path} is not a gpt2deploy manifest; re-create the package with 'gpt2deploy export' or 'build'")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise PackageError(
+                f"{path} has schema_version {version}, newer than this gpt2deploy ({__version__}) reads "
+                f"(schema {SCHEMA_VERSION}); upgrade gpt2deploy"
+            )
+        raise PackageError(
+            f"{path} has unknown schema_version {version!r} (this gpt2deploy reads {SCHEMA_VERSION}); "
+            "re-create the package with 'gpt2deploy build'"
+        )
+    for key in ("model", "io", "variants", "files"):
+        if not isinstance(data.get(key), dict):
+            raise PackageError(f"{path} lacks the '{key}' section; re-create the package with 'gpt2deploy build'")
+    return data
+
+
+def save_manifest(root: str | Path, manifest: dict) -> None:
+    write_json_atomic(Path(root) / MANIFEST_NAME, manifest)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny seeded GPT-2 checkpoints (never downloaded) and packages exported from them."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR = ASSETS / "gpt2-tokenizer"
+SHARED = ROOT.parent / "shared"
+GPT2_REF = SHARED / "models" / "gpt2-ref"
+EVAL_TEXT = SHARED / "eval-text" / "pydoc_topics.txt"
+
+#: Shape A: 2 layers, 4 heads of 16. Shape B: 3 layers, 6 heads of 8 (n_head != 4).
+SHAPE_A = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, seed=0)
+SHAPE_B = dict(n_layer=3, n_head=6, n_embd=48, n_positions=96, seed=1)
+
+
+def make_checkpoint(out: Path, **shape) -> Path:
+    from exporters.synthetic import make_random_checkpoint
+
+    return make_random_checkpoint(out, TOKENIZER_DIR, **shape)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt_a") / "model", **SHAPE_A)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_b(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt_b") / "model", **SHAPE_B)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tiny_checkpoint) -> Path:
+    """An exported fp32 package of shape A. Read-only by convention: copy it (``package_copy``) to mutate."""
+    from gpt2deploy.exporting import export_package
+
+    out = tmp_path_factory.mktemp("pkg_a") / "pkg"
+    export_package(str(tiny_checkpoint), out)
+    return out
+
+
+@pytest.fixture
+def package_copy(tmp_path, tiny_package) -> Path:
+    dst = tmp_path / "pkg"
+    shutil.copytree(tiny_package, dst)
+    return dst
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process: ``cli("export", str(path), "-o", out)`` -> click Result."""
+    from typer.testing import CliRunner
+
+    from gpt2deploy.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke
+
+
+requires_gpt2_ref = pytest.mark.skipif(not GPT2_REF.is_dir(), reason=f"{GPT2_REF} is not present (it is in CI and beside the project root)")

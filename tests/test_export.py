@@ -1,0 +1,216 @@
+"""Export: graph contract, parity with PyTorch (prompt, decode, left-padded batch), manifest, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import SHAPE_B, make_checkpoint
+from gpt2deploy.manifest import load_manifest
+from gpt2deploy.package import Package
+
+
+def _io(path: Path):
+    m = onnx.load(str(path), load_external_data=False)
+    dims = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    return m, {vi.name: dims(vi) for vi in m.graph.input}, {vi.name: dims(vi) for vi in m.graph.output}
+
+
+def test_package_layout_and_manifest(tiny_package):
+    pkg = Package.open(tiny_package)
+    d = pkg.dims
+    assert (d.n_layer, d.n_head, d.head_dim, d.hidden_size, d.vocab_size, d.n_positions) == (2, 4, 16, 64, 50257, 128)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "manifest.json", "onnx/model.onnx"):
+        assert (tiny_package / name).is_file(), name
+    fp32 = pkg.variant("fp32")
+    assert fp32["file"] == "onnx/model.onnx" and fp32["precision"] == "fp32" and fp32["opset"] == 18
+    assert fp32["parity"]["passed"] and fp32["parity"]["max_abs_diff"] <= 1e-4
+    assert pkg.manifest["source"]["weights_sha256"] and len(pkg.manifest["source"]["weights_sha256"]) == 64
+    assert pkg.integrity_problems() == []
+    names = [i["name"] for i in pkg.manifest["io"]["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+
+
+def test_graph_io_contract_and_tied_weight_stored_once(tiny_package):
+    m, ins, outs = _io(tiny_package / "onnx" / "model.onnx")
+    assert ins["input_ids"] == ["batch_size", "sequence_length"]
+    assert ins["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+    assert ins["past_key_values.1.value"] == ["batch_size", 4, "past_sequence_length", 16]
+    assert outs["logits"] == ["batch_size", "sequence_length", 50257]
+    assert outs["present.0.key"] == ["batch_size", 4, "past_sequence_length + sequence_length", 16]
+    for vi in m.graph.input[:3]:
+        assert vi.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    # The embedding (50257 x 64) appears once; the lm_head reuses it.
+    big = [i for i in m.graph.initializer if 50257 in i.dims]
+    assert len(big) == 1
+    n_params = sum(int(np.prod(i.dims)) for i in m.graph.initializer)
+    assert n_params <= Package.open(tiny_package).manifest["source"]["n_params"]
+
+
+def _ort_step(sess, n_layer, ids, mask, pos, past):
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    for i in range(n_layer):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+    return sess.run(None, feed)
+
+
+def test_past_zero_and_decode_match_full_recompute(tiny_package, tiny_checkpoint):
+    """Independent of the exporter's own parity: ORT with cache == transformers without cache."""
+    import onnxruntime as ort
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    sess = ort.InferenceSession(str(tiny_package / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[464, 2068, 7586, 21831, 18045, 625]], dtype=np.int64)
+    past = [np.zeros((1, 4, 0, 16), np.float32)] * 4
+    out = _ort_step(sess, 2, ids, np.ones_like(ids), np.arange(6)[None], past)
+    seq = ids[0].tolist()
+    for step in range(5):
+        nxt = int(out[0][0, -1].argmax())
+        seq.append(nxt)
+        with torch.no_grad():
+            ref = model(torch.tensor([seq])).logits[0, -1].numpy()
+        n = len(seq)
+        out = _ort_step(sess, 2, np.array([[nxt]]), np.ones((1, n), np.int64), np.array([[n - 1]]), out[1:])
+        assert out[1].shape == (1, 4, n, 16)
+        assert np.abs(out[0][0, -1] - ref).max() <= 1e-4
+
+
+def test_second_shape_exports_with_parity(tmp_path, tiny_checkpoint_b):
+    from gpt2deploy.exporting import export_package
+
+    res = export_package(str(tiny_checkpoint_b), tmp_path / "pkg")
+    p = res.manifest["variants"]["fp32"]["parity"]
+    assert p["passed"] and p["batch_left_padded"]["greedy_tokens_equal"]
+    assert p["single"]["prompt_max_abs_diff"] <= 1e-4 and p["batch_left_padded"]["decode_max_abs_diff"] <= 1e-4
+    _, ins, _ = _io(tmp_path / "pkg" / "onnx" / "model.onnx")
+    assert ins["past_key_values.2.key"] == ["batch_size", 6, "past_sequence_length", 8]
+
+
+def test_parity_failure_fails_export_and_leaves_nothing(tmp_path, tiny_checkpoint, cli):
+    out = tmp_path / "pkg"
+    r = cli("export", tiny_checkpoint, "-o", out, "--atol", "1e-12")
+    assert r.exit_code == 1
+    assert "disagrees with PyTorch" in r.stderr and "max abs logit diff" in r.stderr
+    assert "Traceback" not in r.output
+    assert not out.exists()
+    assert [p for p in tmp_path.iterdir()] == []
+
+
+def test_cli_export_success_and_force(tmp_path, tiny_checkpoint, cli):
+    out = tmp_path / "pkg"
+    r = cli("export", tiny_checkpoint, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.stdout and "parity" in r.stderr
+    load_manifest(out)
+    r = cli("export", tiny_checkpoint, "-o", out)
+    assert r.exit_code == 2 and "--force" in r.stderr
+    r = cli("export", tiny_checkpoint, "-o", out, "--force")
+    assert r.exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_pytorch_bin_weights_load(tmp_path, cli):
+    from exporters.synthetic import make_random_checkpoint
+
+    from conftest import TOKENIZER_DIR
+
+    ckpt = make_random_checkpoint(tmp_path / "binckpt", TOKENIZER_DIR, n_layer=1, n_head=2, n_embd=32, n_positions=64, weights="bin")
+    assert (ckpt / "pytorch_model.bin").is_file() and not (ckpt / "model.safetensors").exists()
+    r = cli("export", ckpt, "-o", tmp_path / "pkg")
+    assert r.exit_code == 0, r.output
+
+
+# -- bad input: one line, exit != 0, no traceback, nothing written ------------------------------
+
+def _assert_clean_failure(r, out: Path, *needles: str, code: int = 2):
+    assert r.exit_code == code, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr  # progress lines may precede it
+    for n in needles:
+        assert n in errors[0], errors[0]
+    assert "Traceback" not in r.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_missing_path(tmp_path, cli):
+    out = tmp_path / "pkg"
+    _assert_clean_failure(cli("export", tmp_path / "nope", "-o", out), out, "does not exist")
+
+
+def test_bad_not_a_checkpoint(tmp_path, cli):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("hi")
+    out = tmp_path / "pkg"
+    _assert_clean_failure(cli("export", tmp_path / "empty", "-o", out), out, "config.json")
+
+
+def test_bad_non_gpt2_config(tmp_path, cli):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    out = tmp_path / "pkg"
+    _assert_clean_failure(cli("export", d, "-o", out), out, "'bert'", "'gpt2'")
+
+
+def test_bad_truncated_weights(tmp_path, tiny_checkpoint, cli):
+    d = tmp_path / "trunc"
+    shutil.copytree(tiny_checkpoint, d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 3])
+    out = tmp_path / "pkg"
+    _assert_clean_failure(cli("export", d, "-o", out), out, "truncated or corrupt")
+
+
+def test_bad_corrupt_bin_weights(tmp_path, tiny_checkpoint, cli):
+    d = tmp_path / "corrupt"
+    shutil.copytree(tiny_checkpoint, d)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(os.urandom(4096))
+    out = tmp_path / "pkg"
+    _assert_clean_failure(cli("export", d, "-o", out), out, "truncated or corrupt")
+
+
+def test_bad_output_not_empty(tmp_path, tiny_checkpoint, cli):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = cli("export", tiny_checkpoint, "-o", out)
+    assert r.exit_code == 2 and "--force" in r.stderr and "Traceback" not in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_unwritable_output(tmp_path, tiny_checkpoint, cli):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        if os.access(parent, os.W_OK):  # root ignores mode bits; use a path under a file instead
+            (tmp_path / "afile").write_text("x")
+            out = tmp_path / "afile" / "pkg"
+        else:
+            out = parent / "pkg"
+        r = cli("export", tiny_checkpoint, "-o", out)
+        assert r.exit_code != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.output
+        assert not out.exists()
+    finally:
+        parent.chmod(0o700)
+
+
+def test_bad_opset(tmp_path, tiny_checkpoint, cli):
+    out = tmp_path / "pkg"
+    _assert_clean_failure(cli("export", tiny_checkpoint, "-o", out, "--opset", "11"), out, "opset 11", "--opset")
+
+
+def test_bad_hub_id_offline(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "pkg"
+    _assert_clean_failure(cli("export", "someone/not-here-gpt2", "-o", out), out, "local checkpoint directory")
