@@ -1,0 +1,1 @@
+"""Runtime: ONNX Runtime sessions, KV cache, sampling, generation. Imports only onnxruntime, numpy, tokenizers."""

@@ -1,0 +1,66 @@
+"""One decoder graph in an ONNX Runtime session: a plain forward over numpy arrays.
+
+This is the simple, allocation-per-call path used by accuracy checks and tests. Generation uses the
+faster loop in ``generate.py`` on top of the same session.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UsageError
+from ..manifest import past_name, present_name
+from ..package import Package
+from .providers import providers_for, resolve_device
+
+
+class DecoderSession:
+    """``DecoderSession(package, variant, device, threads).forward(ids, mask, pos, past) -> (logits, present)``."""
+
+    def __init__(self, package: Package, variant: str = "fp32", device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be >= 1 (got {threads})")
+        self.package = package
+        self.variant = variant
+        self.device = resolve_device(device)
+        self.dims = package.dims
+        path = package.variant_path(variant)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=providers_for(self.device))
+        d = self.dims
+        self.past_names = [past_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
+        self.present_names = [present_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
+        self.output_names = ["logits", *self.present_names]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        d = self.dims
+        return [np.zeros((batch, d.n_head, 0, d.head_dim), np.float32) for _ in self.past_names]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past=None):
+        """Run one step. ``position_ids`` default to the attention mask's cumulative sum (left padding safe)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch, seq = input_ids.shape
+        past = self.empty_past(batch) if past is None else past
+        past_len = past[0].shape[2]
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past_len + seq), np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, -seq:]
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": np.asarray(position_ids, np.int64)}
+        feed.update(zip(self.past_names, past))
+        out = self.session.run(self.output_names, feed)
+        return out[0], out[1:]
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Position ids for left-padded rows: 0 for pads, then 0, 1, 2, ... over real tokens."""
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 0
+    return pos.astype(np.int64)
