@@ -214,3 +214,19 @@ def test_bad_hub_id_offline(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "pkg"
     _assert_clean_failure(cli("export", "someone/not-here-gpt2", "-o", out), out, "local checkpoint directory")
+
+
+def test_external_data_above_protobuf_limit(tmp_path, tiny_checkpoint, monkeypatch):
+    """Graphs over the 2 GB protobuf limit (gpt2-xl) keep weights in onnx/model.onnx.data, listed in the manifest."""
+    import exporters.onnx_export as onnx_export
+    from gpt2deploy.exporting import export_package
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1000)
+    res = export_package(str(tiny_checkpoint), tmp_path / "pkg")
+    fp32 = res.manifest["variants"]["fp32"]
+    assert [f["path"] for f in fp32["files"]] == ["onnx/model.onnx", "onnx/model.onnx.data"]
+    assert sorted(p.name for p in (tmp_path / "pkg" / "onnx").iterdir()) == ["model.onnx", "model.onnx.data"]
+    onnx_dir = tmp_path / "pkg" / "onnx"
+    assert (onnx_dir / "model.onnx").stat().st_size < 0.1 * (onnx_dir / "model.onnx.data").stat().st_size
+    assert fp32["parity"]["passed"]
+    assert Package.open(tmp_path / "pkg").integrity_problems() == []
