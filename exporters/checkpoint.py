@@ -47,9 +47,12 @@ def _download(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - comes with transformers
         raise CheckpointError(f"'{repo_id}' is not a local directory and huggingface_hub is not installed; pass a local checkpoint directory") from None
-    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"]
+    base = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+        path = Path(snapshot_download(repo_id, allow_patterns=base + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], etag_timeout=10))
+        if not any((path / n).is_file() for n in WEIGHT_FILES):  # older repos ship only pytorch_model.bin
+            path = Path(snapshot_download(repo_id, allow_patterns=base + ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"], etag_timeout=10))
+        return path
     except Exception as e:  # offline, unknown repo, gated repo...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
