@@ -120,7 +120,7 @@ def load_model(ckpt: Checkpoint):
     hf_logging.set_verbosity_error()
     try:
         model = GPT2LMHeadModel.from_pretrained(
-            ckpt.path, trust_remote_code=False, dtype=torch.float32, use_safetensors=ckpt.weight_files[0].endswith(".safetensors")
+            ckpt.path, trust_remote_code=False, weights_only=True, dtype=torch.float32, use_safetensors=ckpt.weight_files[0].endswith(".safetensors")
         )
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
