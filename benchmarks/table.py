@@ -1,0 +1,105 @@
+"""Summaries of the harness's measurements: medians, spread and ratios versus transformers, as markdown."""
+from __future__ import annotations
+
+import statistics
+
+BASELINE = "transformers"
+
+
+def summarize_peer(peer) -> dict:
+    """Median/min/max of each metric over the peer's runs, plus its memory and load info."""
+    out: dict = {"key": peer.key, "name": peer.name}
+    if not peer.available:
+        out["unavailable"] = peer.reason
+        if peer.runs:
+            out["partial_runs"] = peer.runs
+        return out
+    for metric in ("ttft_ms", "decode_tok_s", "e2e_tok_s"):
+        values = [r[metric] for r in peer.runs if r.get(metric) is not None]
+        if values:
+            out[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    out["memory"] = peer.memory
+    out["load_s"] = peer.info.get("load_s")
+    out["runs"] = peer.runs
+    if peer.curve is not None:
+        out["long_context"] = peer.curve
+    if "curve_error" in peer.info:
+        out["long_context_error"] = peer.info["curve_error"]
+    return out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed ratios vs transformers (higher is faster): decode and end-to-end tok/s, TTFT; RSS ratio."""
+    base = next((r for r in rows if r["key"] == BASELINE and "unavailable" not in r), None)
+    if base is None:
+        return
+    for r in rows:
+        if "unavailable" in r:
+            continue
+        ratios = {}
+        if "decode_tok_s" in r and "decode_tok_s" in base:
+            ratios["decode"] = r["decode_tok_s"]["median"] / base["decode_tok_s"]["median"]
+        if "e2e_tok_s" in r and "e2e_tok_s" in base:
+            ratios["e2e"] = r["e2e_tok_s"]["median"] / base["e2e_tok_s"]["median"]
+        if "ttft_ms" in r and "ttft_ms" in base:
+            ratios["ttft_speedup"] = base["ttft_ms"]["median"] / r["ttft_ms"]["median"]
+        if r.get("memory", {}).get("peak_rss_mb") and base.get("memory", {}).get("peak_rss_mb"):
+            ratios["peak_rss"] = r["memory"]["peak_rss_mb"] / base["memory"]["peak_rss_mb"]
+        r["vs_transformers"] = ratios
+
+
+def _m(summary: dict | None, digits: int = 1) -> str:
+    if not summary:
+        return "n/a"
+    return f"{summary['median']:.{digits}f} ({summary['min']:.{digits}f}-{summary['max']:.{digits}f})"
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def markdown(result: dict) -> str:
+    w = result["workload"]
+    lines = [
+        f"Workload: {w['shape']}, batch 1, {w['prompt_tokens']}-token prompt + {w['new_tokens']} greedy new tokens, "
+        f"{w['threads']} threads, CPU; {w['repeat']} runs per engine in alternating order after 1 warm-up; "
+        "median (min-max). Ratios are versus transformers `generate()` fp32 measured in the same run "
+        "(speed: higher is faster; RSS: lower is smaller).",
+        "",
+        "| engine | TTFT ms | decode tok/s | end-to-end tok/s | peak RSS MB | decode vs HF | e2e vs HF | TTFT speedup vs HF | RSS vs HF |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["engines"]:
+        if "unavailable" in r:
+            lines.append(f"| {r['name']} | not available: {r['unavailable']} | | | | | | | |")
+            continue
+        ratio = r.get("vs_transformers", {})
+        rss = r.get("memory", {}).get("peak_rss_mb")
+        lines.append(
+            f"| {r['name']} | {_m(r.get('ttft_ms'))} | {_m(r.get('decode_tok_s'))} | {_m(r.get('e2e_tok_s'))} | "
+            f"{rss:.0f} | {_x(ratio.get('decode'))} | {_x(ratio.get('e2e'))} | {_x(ratio.get('ttft_speedup'))} | "
+            f"{_x(ratio.get('peak_rss'))} |" if rss else
+            f"| {r['name']} | {_m(r.get('ttft_ms'))} | {_m(r.get('decode_tok_s'))} | {_m(r.get('e2e_tok_s'))} | n/a | "
+            f"{_x(ratio.get('decode'))} | {_x(ratio.get('e2e'))} | {_x(ratio.get('ttft_speedup'))} | - |"
+        )
+    curves = [(r["name"], r["long_context"]) for r in result["engines"] if r.get("long_context")]
+    if curves:
+        steps = result["workload"]["curve_steps"]
+        lines += ["", f"Long context: decode tok/s after a prompt of N tokens ({steps} timed decode steps each).", ""]
+        lines.append("| position | " + " | ".join(name for name, _ in curves) + " |")
+        lines.append("|---:|" + "---:|" * len(curves))
+        positions = sorted({p["position"] for _, c in curves for p in c})
+        for pos in positions:
+            cells = []
+            for _, c in curves:
+                point = next((p for p in c if p["position"] == pos), None)
+                cells.append(f"{point['decode_tok_s']:.1f}" if point and point.get("decode_tok_s") else "")
+            lines.append(f"| {pos} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("| engine | decode tok/s at the last position / at the first |")
+        lines.append("|---|---:|")
+        for name, c in curves:
+            pts = [p for p in c if p.get("decode_tok_s")]
+            if len(pts) >= 2:
+                lines.append(f"| {name} | {pts[-1]['decode_tok_s'] / pts[0]['decode_tok_s']:.2f} |")
+    return "\n".join(lines) + "\n"
