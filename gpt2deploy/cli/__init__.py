@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .app import app
 from . import export  # noqa: F401  (registers commands)
+from . import build, package  # noqa: F401
 from . import bench  # noqa: F401
 
 

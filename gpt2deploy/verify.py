@@ -1,0 +1,240 @@
+"""`gpt2deploy verify`: is this package exactly what its manifest says?
+
+Checks, each reported as one line naming the file: the manifest parses and its schema version is known;
+every listed file is present with its recorded size and sha256 (the same check ``load()`` runs, via
+:meth:`Package.integrity_problems`); no symlink points outside the package; no ONNX graph or external-data
+file sits in the package unlisted; each graph's inputs and outputs (names, dtypes, shapes) match the
+manifest's I/O contract and its external data files are listed.
+
+Graphs are read with ``onnx`` (without loading weights) when it is installed, otherwise through an
+ONNX Runtime session, so verify works with the runtime install alone.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .errors import PackageError
+from .manifest import MANIFEST_NAME, load_manifest
+from .package import Package
+
+GRAPH_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data")
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+@dataclass
+class VerifyReport:
+    root: Path
+    problems: list[str] = field(default_factory=list)
+    variants: list[str] = field(default_factory=list)
+    files_checked: int = 0
+    graphs_checked: int = 0
+    graph_reader: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class GraphIO:
+    inputs: dict  # name -> (dtype, shape or None)
+    outputs: dict
+    external: list[str] | None  # external data locations, relative to the graph (None: not inspected)
+
+
+def verify_package(path: str | os.PathLike, hashes: bool = True, graphs: bool = True, reader: str = "auto") -> VerifyReport:
+    """Verify a package. Raises :class:`PackageError` only when ``path`` is not a package directory at all."""
+    root = Path(path).absolute()
+    report = VerifyReport(root)
+    try:
+        manifest = load_manifest(root)
+    except PackageError as e:
+        if root.is_dir() and (root / MANIFEST_NAME).is_file():
+            report.problems.append(f"{MANIFEST_NAME}: {e}")
+            return report
+        raise
+    manifest_real = (root / MANIFEST_NAME).resolve()
+    if manifest_real.parent != root.resolve():
+        report.problems.append(f"{MANIFEST_NAME}: symlink points outside the package ({manifest_real}); packages must be self-contained")
+    pkg = Package(root, manifest)
+    good, bad_entries = _well_formed_variants(manifest)
+    report.problems += bad_entries
+    report.variants = good
+    shared_ok = _entries_ok(list(manifest["files"].values()))
+    if not shared_ok:
+        report.problems.append("manifest 'files': entries need path, sha256 and size; rebuild the package")
+    integrity = pkg.integrity_problems(variants=good, hashes=hashes) if shared_ok else []
+    report.problems += integrity
+    listed = {e["path"] for e in pkg.listed_files(good)} if shared_ok else set()
+    report.files_checked = len(listed)
+    named = {v.get("file") for v in manifest["variants"].values() if isinstance(v, dict)}
+    report.problems += _tree_problems(root, listed, listed | named)
+    if graphs:
+        damaged = {line.split(":", 1)[0] for line in integrity}
+        read = _reader(reader)
+        report.graph_reader = read.__name__.removeprefix("_io_via_")
+        for name in good:
+            v = manifest["variants"][name]
+            if any(f["path"] in damaged for f in v["files"]):
+                continue  # already reported; parsing a damaged graph says nothing new
+            report.problems += _graph_problems(root, name, v, v.get("io") or manifest["io"], read)
+            report.graphs_checked += 1
+    return report
+
+
+def _entries_ok(entries) -> bool:
+    return isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+        for e in entries
+    )
+
+
+def _well_formed_variants(manifest: dict) -> tuple[list[str], list[str]]:
+    good, problems = [], []
+    for name, v in manifest["variants"].items():
+        if not isinstance(v, dict) or not _entries_ok(v.get("files")) or not v.get("files"):
+            problems.append(f"variant {name}: manifest entry lacks its file list (path, sha256, size); rebuild the package")
+            continue
+        paths = [e["path"] for e in v["files"]]
+        if v.get("file") not in paths:
+            problems.append(f"variant {name}: its graph file {v.get('file')!r} is not among its listed files; rebuild the package")
+            continue
+        if v.get("size") != sum(e["size"] for e in v["files"]):
+            problems.append(f"variant {name}: recorded size {v.get('size')} is not the sum of its files; rebuild the package")
+        bad = [p for p in paths if PurePosixPath(p).is_absolute() or ".." in PurePosixPath(p).parts]
+        if bad:
+            problems.append(f"{bad[0]}: variant {name} lists a path outside the package; packages must be self-contained")
+            continue
+        good.append(name)
+    return good, problems
+
+
+def _tree_problems(root: Path, checked: set[str], named: set[str]) -> list[str]:
+    """Symlinks leaving the package (``checked`` files are reported by the integrity check), and graph
+    files the manifest does not name."""
+    problems = []
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink() and rel not in checked:
+                target = p.resolve()
+                if target != real_root and real_root not in target.parents:
+                    problems.append(f"{rel}: symlink points outside the package ({target}); packages must be self-contained, copy the file in")
+                    continue
+            if name in filenames and name.endswith(GRAPH_SUFFIXES) and rel not in named:
+                problems.append(f"{rel}: ONNX file not listed in the manifest; remove it or rebuild the package")
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+    return problems
+
+
+def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) -> list[str]:
+    rel = variant["file"]
+    try:
+        io = read(root / rel)
+    except Exception as e:  # a graph that does not parse is a verification failure, not a crash
+        return [f"{rel}: cannot be read as an ONNX graph ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); rebuild variant {name}"]
+    problems = []
+    for kind, have in (("input", io.inputs), ("output", io.outputs)):
+        want = {t["name"]: (t["dtype"], t["shape"]) for t in contract[kind + "s"]}
+        missing = [n for n in want if n not in have]
+        extra = [n for n in have if n not in want]
+        if missing:
+            problems.append(f"{rel}: graph lacks {kind}{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} of the manifest's I/O contract")
+        if extra:
+            problems.append(f"{rel}: graph {kind}{'s' if len(extra) > 1 else ''} {', '.join(extra[:4])} not in the manifest's I/O contract")
+        for n in want:
+            if n in have:
+                why = _mismatch(want[n], have[n])
+                if why:
+                    problems.append(f"{rel}: {kind} {n} {why}")
+    if io.external is not None:
+        listed = {e["path"] for e in variant["files"]}
+        base = PurePosixPath(rel).parent
+        for loc in io.external:
+            p = (base / loc).as_posix()
+            if p not in listed:
+                problems.append(f"{rel}: graph needs external data {p}, which variant {name} does not list; rebuild the package")
+    return problems
+
+
+def _mismatch(want: tuple, have: tuple) -> str | None:
+    (wd, ws), (hd, hs) = want, have
+    if hd is not None and wd != hd:
+        return f"has dtype {hd}, the manifest says {wd}"
+    if hs is None:  # the graph carries no shape: nothing to compare
+        return None
+    if len(ws) != len(hs):
+        return f"has rank {len(hs)} {list(hs)}, the manifest says {list(ws)}"
+    for w, h in zip(ws, hs):
+        if isinstance(w, int) and isinstance(h, int) and w != h:
+            return f"has shape {list(hs)}, the manifest says {list(ws)}"
+        if isinstance(w, str) and isinstance(h, int) and h > 0:
+            return f"is fixed at {list(hs)} where the manifest has dynamic {list(ws)}"
+    return None
+
+
+# -- graph readers ---------------------------------------------------------------------------------
+def _reader(which: str):
+    if which == "onnx" or which == "auto":
+        try:
+            import onnx  # noqa: F401
+
+            return _io_via_onnx
+        except ImportError:
+            if which == "onnx":
+                raise PackageError("verifying graphs with onnx needs the onnx package; pip install onnx") from None
+    return _io_via_onnxruntime
+
+
+def _io_via_onnx(path: Path) -> GraphIO:
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def one(vi):
+        t = vi.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else None
+        if not t.HasField("shape"):
+            return dtype, None
+        return dtype, [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+
+    inits = {i.name for i in model.graph.initializer}
+    external = set()
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            external.update(e.value for e in t.external_data if e.key == "location")
+    return GraphIO(
+        {vi.name: one(vi) for vi in model.graph.input if vi.name not in inits},
+        {vi.name: one(vi) for vi in model.graph.output},
+        sorted(external),
+    )
+
+
+def _io_via_onnxruntime(path: Path) -> GraphIO:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def one(arg):
+        return _ORT_DTYPES.get(arg.type, arg.type), arg.shape
+
+    return GraphIO({a.name: one(a) for a in sess.get_inputs()}, {a.name: one(a) for a in sess.get_outputs()}, None)
