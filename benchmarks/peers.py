@@ -72,8 +72,8 @@ class Peer:
             return
         self.runs.append(msg)
 
-    def measure_curve(self, positions: list[int], prompts: list[list[int]], steps: int) -> None:
-        msg = self.ask("curve " + json.dumps({"positions": positions, "prompts": prompts, "steps": steps}))
+    def measure_curve(self, positions: list[int], prompts: list[list[int]], steps: int, repeat: int = 1) -> None:
+        msg = self.ask("curve " + json.dumps({"positions": positions, "prompts": prompts, "steps": steps, "repeat": repeat}))
         if msg.get("event") == "curve":
             self.curve = msg["points"]
         else:

@@ -50,13 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--curve-engines", default="all", help="engines that also measure the long-context curve (comma list or 'all')")
     ap.add_argument("--curve-points", type=int, default=8)
     ap.add_argument("--curve-steps", type=int, default=16)
+    ap.add_argument("--curve-repeat", type=int, default=3, help="runs per curve position (the median is kept)")
     ap.add_argument("--optimum-python", help="python of an environment with optimum-onnx (default: create benchmarks/.work/optimum-venv)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     unknown = [e for e in a.engines.split(",") if e not in ALL_ENGINES]
     if unknown:
         ap.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ALL_ENGINES)}")
-    for name in ("repeat", "prompt_tokens", "new_tokens", "threads", "curve_points", "curve_steps"):
+    for name in ("repeat", "prompt_tokens", "new_tokens", "threads", "curve_points", "curve_steps", "curve_repeat"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     return a
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
                 if p.available and (chosen is None or p.key in chosen):
                     time.sleep(a.gap)
                     say(f"long-context curve: {p.key}")
-                    p.measure_curve(positions, prompts, a.curve_steps)
+                    p.measure_curve(positions, prompts, a.curve_steps, a.curve_repeat)
     finally:
         for p in peers:
             p.stop()
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
             "shape": f"GPT-2 {config.get('n_layer')} layers x {config.get('n_embd')} hidden, {n_ctx} context"
                      + (" (GPT-2-small, 124M)" if (config.get("n_layer"), config.get("n_embd")) == (12, 768) else ""),
             "checkpoint": str(ckpt), "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-            "threads": a.threads, "repeat": a.repeat, "curve_steps": a.curve_steps,
+            "threads": a.threads, "repeat": a.repeat, "curve_steps": a.curve_steps, "curve_repeat": a.curve_repeat,
         },
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
         "engines": rows,

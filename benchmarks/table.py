@@ -85,7 +85,8 @@ def markdown(result: dict) -> str:
     curves = [(r["name"], r["long_context"]) for r in result["engines"] if r.get("long_context")]
     if curves:
         steps = result["workload"]["curve_steps"]
-        lines += ["", f"Long context: decode tok/s after a prompt of N tokens ({steps} timed decode steps each).", ""]
+        reps = result["workload"].get("curve_repeat", 1)
+        lines += ["", f"Long context: decode tok/s after a prompt of N tokens ({steps} timed decode steps; median of {reps} runs).", ""]
         lines.append("| position | " + " | ".join(name for name, _ in curves) + " |")
         lines.append("|---:|" + "---:|" * len(curves))
         positions = sorted({p["position"] for _, c in curves for p in c})

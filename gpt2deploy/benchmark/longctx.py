@@ -26,13 +26,17 @@ def curve_positions(n_positions: int, steps: int, points: int, first: int = 32) 
 
 
 def measure_curve(model, n_positions: int, vocab_size: int, batch: int = 1, steps: int = 16, points: int = 8,
-                  seed: int = 0, avoid: tuple[int, ...] = (), progress=None) -> list[dict]:
-    """``[{"position", "end", "decode_tok_s", "decode_ms_per_step", "prefill_ms"}]`` in increasing position."""
+                  repeat: int = 1, seed: int = 0, avoid: tuple[int, ...] = (), progress=None) -> list[dict]:
+    """``[{"position", "end", "decode_tok_s", "decode_ms_per_step", "prefill_ms"}]`` in increasing position.
+
+    With ``repeat`` > 1 each point is the run with the median decode time.
+    """
     out = []
     positions = curve_positions(n_positions, steps, points)
     for i, p in enumerate(positions):
         prompts = synthetic_prompts(batch, p, vocab_size, seed=seed + 1 + i, avoid=avoid)
-        run = generate_timed(model, prompts, steps + 1)
+        runs = sorted((generate_timed(model, prompts, steps + 1) for _ in range(repeat)), key=lambda r: r.decode_seconds)
+        run = runs[len(runs) // 2]
         point = {
             "position": p,
             "end": p + steps,

@@ -39,44 +39,21 @@ class RunTiming:
 
 
 def generate_timed(model, prompts: list[list[int]], new_tokens: int) -> RunTiming:
-    """Run the user-facing generation loop once and return its timings."""
+    """Run the user-facing generation loop once (greedy, EOS ignored) and return its timings."""
     t0 = time.perf_counter()
     result = model.generate_ids(prompts, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
     total = time.perf_counter() - t0
-    sequences = _sequences(result)
-    got = {len(s) for s in sequences}
-    if got != {new_tokens} or len(sequences) != len(prompts):
+    got = sorted({len(t) for t in result.tokens})
+    if got != [new_tokens] or len(result.tokens) != len(prompts):
         raise GenerationError(
-            f"the runtime produced {sorted(got)} new tokens per row instead of {new_tokens} for {len(prompts)} prompts; "
+            f"the runtime produced {got} new tokens per row instead of {new_tokens} for {len(prompts)} prompts; "
             "the benchmark needs generation that ignores EOS"
         )
-    prefill, decode = _timings(result)
-    return RunTiming(ttft=prefill, decode_seconds=decode, total_seconds=total, new_tokens=new_tokens, batch=len(prompts))
-
-
-def _sequences(result) -> list[list[int]]:
-    seqs = getattr(result, "new_ids", None)
-    if seqs is None:
-        seqs = getattr(result, "ids", None)
-    if seqs is None and isinstance(result, dict):
-        seqs = result.get("new_ids", result.get("ids"))
-    if seqs is None:
-        raise GenerationError("the runtime's generate_ids returned no token ids; upgrade gpt2deploy")
-    return [list(s) for s in seqs]
-
-
-def _timings(result) -> tuple[float, float]:
-    timings = getattr(result, "timings", None)
-    if timings is None and isinstance(result, dict):
-        timings = result.get("timings")
-    if timings is None:
-        raise GenerationError("the runtime's generate_ids returned no timings; upgrade gpt2deploy")
-    get = (lambda k: timings.get(k)) if isinstance(timings, dict) else (lambda k: getattr(timings, k, None))
-    prefill = get("prefill_seconds")
-    decode = get("decode_seconds")
-    if prefill is None or decode is None:
-        raise GenerationError("the runtime's generate_ids timings lack prefill/decode seconds; upgrade gpt2deploy")
-    return float(prefill), float(decode)
+    t = result.timings
+    # time to first token: buffers for the cache + the prompt step + choosing the token
+    ttft = float(t.get("setup_seconds", 0.0)) + float(t["prefill_seconds"])
+    return RunTiming(ttft=ttft, decode_seconds=float(t["decode_seconds"]), total_seconds=total,
+                     new_tokens=new_tokens, batch=len(prompts))
 
 
 def measure_runs(model, prompts: list[list[int]], new_tokens: int, repeat: int, warmup: int = 1, progress=None) -> dict:

@@ -68,7 +68,7 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
         if config.long_context:
             entry["long_context"] = measure_curve(
                 model, dims.n_positions, dims.vocab_size, batch=config.batch, steps=config.curve_steps,
-                points=config.curve_points, seed=config.seed, avoid=avoid,
+                points=config.curve_points, repeat=config.curve_repeat, seed=config.seed, avoid=avoid,
                 progress=lambda m, n=name: say(f"[bench] {name}: {m}"),
             )
         peak = tracker.stop()

@@ -22,6 +22,7 @@ class BenchConfig:
     long_context: bool = True
     curve_points: int = 8
     curve_steps: int = 16
+    curve_repeat: int = 1
     seed: int = 0
     verify: bool = True
     variants: tuple[str, ...] = field(default_factory=tuple)
@@ -34,7 +35,7 @@ class BenchConfig:
     def validate(self) -> None:
         """Checks that need no model: every size must be a positive count."""
         for name, minimum in (("prompt_tokens", 1), ("new_tokens", 1), ("batch", 1), ("repeat", 1), ("warmup", 0),
-                              ("curve_points", 1), ("curve_steps", 1)):
+                              ("curve_points", 1), ("curve_steps", 1), ("curve_repeat", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 flag = "--" + name.replace("_", "-")

@@ -46,6 +46,7 @@ def bench_cmd(
     long_context: bool = typer.Option(True, "--long-context/--no-long-context", help="Measure decode tok/s at positions up to the context length."),
     curve_points: int = typer.Option(8, help="Positions sampled on the long-context curve."),
     curve_steps: int = typer.Option(16, help="Decode steps timed at each position of the curve."),
+    curve_repeat: int = typer.Option(1, help="Runs per curve position (the median is kept)."),
     seed: int = typer.Option(0, help="Seed of the synthetic prompt ids."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of the package files when loading."),
 ) -> None:
@@ -60,7 +61,7 @@ def bench_cmd(
         raise UsageError("pass either --variant or --all, not both")
     config = BenchConfig(
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch, repeat=repeat, warmup=warmup, threads=threads,
-        device=device, long_context=long_context, curve_points=curve_points, curve_steps=curve_steps, seed=seed,
+        device=device, long_context=long_context, curve_points=curve_points, curve_steps=curve_steps, curve_repeat=curve_repeat, seed=seed,
         verify=not no_verify, variants=tuple(variant or ()),
     )
     config.validate()
