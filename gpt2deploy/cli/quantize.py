@@ -1,0 +1,54 @@
+"""`gpt2deploy quantize PACKAGE --mode int8|int4|fp16`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .app import app, command, say
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@app.command("quantize")
+@command
+def quantize_cmd(
+    package: Path = typer.Argument(..., help="Package directory (written by 'gpt2deploy export' or 'build')."),
+    mode: str = typer.Option(..., "--mode", "-m", help="int8 (CPU), int4 (CPU and CUDA, MatMulNBits) or fp16 (CUDA)."),
+    per_channel: bool = typer.Option(False, "--per-channel", help="int8: one scale per output column instead of per matrix."),
+    block_size: int = typer.Option(32, "--block-size", help="int4: weights per quantization block (power of two >= 16)."),
+    exclude: str = typer.Option("", "--exclude", help="Comma list of MatMuls to keep in float: node or weight names, a weight prefix ending in '.', or lm_head."),
+    force: bool = typer.Option(False, "--force", help="Replace the variant if the package already has it."),
+) -> None:
+    """Add a quantized variant (model_int8 / model_q4 / model_fp16) built from the package's fp32 graph."""
+    from ..quantizing import quantize_package
+
+    result = quantize_package(
+        package,
+        mode,
+        per_channel=per_channel,
+        block_size=block_size,
+        exclude=[e for e in exclude.split(",") if e.strip()],
+        force=force,
+        progress=lambda m: say(f"[quantize {mode}] {m}"),
+    )
+    s = result["summary"]
+    check = s["sample_check"]
+    fused = ", ".join(f"{k} x{v}" for k, v in s["fused"].items()) or "none"
+    say(f"[quantize {mode}] summary")
+    say(f"  size         {_mb(s['size_before'])} (fp32) -> {_mb(s['size_after'])} ({s['size_ratio']:.2f}x)")
+    say(f"  fused ops    {fused}")
+    if mode == "fp16":
+        say(f"  matmuls      all weight MatMuls in float16; excluded {len(s['excluded'])}")
+    else:
+        say(f"  matmuls      {s['quantized_matmuls']} quantized, {s['skipped_matmuls']} left float" + (f" (excluded: {', '.join(s['excluded'])})" if s["excluded"] else ""))
+    frac = s["float_weight_fraction"]
+    if frac is not None:
+        say(f"  float bytes  {frac * 100:.1f}% of weight bytes" + (" (float16 + float32)" if mode == "fp16" else " left in float"))
+    say(f"  sample text  {check['tokens']} tokens: logits finite, top-1 agreement with fp32 {check['top1_agreement'] * 100:.1f}%, max |dlogit| {check['max_abs_logit_diff']:.3g}")
+    say(f"  providers    {', '.join(s['providers'])}")
+    say(f"  note         {s['note']}")
+    say("  time         " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    typer.echo(f"wrote {Path(package) / s['file']} ({_mb(s['size_after'])}, variant {result['variant']})")

@@ -1,0 +1,91 @@
+"""INT4 (CPU and CUDA): weight-only block quantization with ``MatMulNBits``, the lm_head included.
+
+Each weight MatMul becomes ``MatMulNBits`` (4-bit weights in blocks of ``block_size`` along K, one
+scale and zero point per block); activations stay float. The token embedding Gather can become
+``GatherBlockQuantized`` (same blocks along the hidden axis). Gemms are rewritten to MatMul + Add by
+``optimize`` first, because MatMulNBits only replaces MatMul.
+
+``accuracy_level`` picks the CPU compute type: 0/1 unpack to fp32 (exact, slower), 4 quantizes the
+activations to int8 per block and uses integer dot products (fastest on x86 with VNNI and on ARM).
+"""
+from __future__ import annotations
+
+from .errors import QuantError
+from .exclude import resolve_exclude
+from .int8 import quiet_ort_logging
+from .lm_head import untie_lm_head
+from .report import describe
+
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4
+
+
+def check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise QuantError(f"block size {block_size} is not a power of two >= 16; pass --block-size 16, 32, 64, 128 or 256")
+
+
+def quantize_int4(
+    model,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    bits: int = 4,
+    symmetric: bool = False,
+    exclude=(),
+    quantize_embedding: bool = True,
+):
+    """Return ``(model, info)``; ``model`` is an optimized fp32 decoder graph (see ``optimize``)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    check_block_size(block_size)
+    if bits not in (4, 8):
+        raise QuantError(f"MatMulNBits supports 4 or 8 bits, not {bits}; pass 4 or 8")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QuantError(f"accuracy_level {accuracy_level} is not one of 0-4; pass 0 (fp32 compute) or 4 (int8 compute)")
+    model, untie = untie_lm_head(model)
+    skipped = resolve_exclude(model, exclude)
+    op_types = ("MatMul", "Gather") if quantize_embedding else ("MatMul",)
+    config = mnb.DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        op_types_to_quantize=op_types,
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+        bits=bits,
+    )
+    try:
+        with quiet_ort_logging():
+            quantizer = mnb.MatMulNBitsQuantizer(
+                model,
+                bits=bits,
+                block_size=block_size,
+                is_symmetric=symmetric,
+                accuracy_level=accuracy_level,
+                nodes_to_exclude=skipped,
+                op_types_to_quantize=op_types,
+                quant_axes=(("MatMul", 0), ("Gather", 1)),
+                algo_config=config,
+            )
+            quantizer.process()
+    except OSError:
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise QuantError(f"INT{bits} quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version") from None
+    qmodel = quantizer.model.model
+    desc = describe(qmodel)
+    info = {
+        "mode": f"int{bits}",
+        "op": "MatMulNBits",
+        "bits": bits,
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "symmetric": symmetric,
+        "quantize_embedding": quantize_embedding,
+        "lm_head_untied": [u["weight"] for u in untie["untied"]],
+        "excluded": skipped,
+        "quantized_matmuls": desc["weight_matmuls"]["quantized"],
+        "skipped_matmuls": desc["weight_matmuls"]["float"],
+        "float_weight_fraction": round(desc["weight_bytes"]["float_fraction"], 4),
+    }
+    return qmodel, info

@@ -1,0 +1,112 @@
+"""INT8 for CPU: dynamic quantization of every weight MatMul, the lm_head included.
+
+Weights are stored as int8 (symmetric), activations are quantized to uint8 per call
+(``DynamicQuantizeLinear`` -> ``MatMulInteger``, fused by ONNX Runtime into ``DynamicQuantizeMatMul``).
+``per_channel`` keeps one scale per output column instead of one per matrix (more accurate).
+
+Reduce-range: u8 x s8 products use 16-bit accumulation pairs on x86 CPUs without VNNI (AVX2 or
+AVX-512 without VNNI), which can saturate; ``reduce_range=True`` quantizes weights to 7 bits to avoid
+that at some accuracy cost. CPUs with AVX-VNNI / AVX512-VNNI, and ARM, don't need it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+
+from .errors import QuantError
+from .exclude import resolve_exclude
+from .lm_head import untie_lm_head
+from .report import describe
+from .tied_int8 import share_tied_int8
+
+
+def cpu_has_vnni() -> bool | None:
+    """True/False on Linux x86 (from /proc/cpuinfo), None when unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    if "flags" not in flags:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+@contextlib.contextmanager
+def quiet_ort_logging():
+    """ORT's quantizers warn through the root logger; the caller owns the output."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(
+    model,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    exclude=(),
+    share_embedding: bool = True,
+    quantize_embedding: bool = False,
+    workdir=None,
+):
+    """Return ``(model, info)``; ``model`` is an optimized fp32 decoder graph (see ``optimize``).
+
+    ``share_embedding`` (default) stores the tied embedding/lm_head once as an int8 table with per-row
+    scales (see ``tied_int8``). Without it the lm_head is untied into its own MatMul weight and the
+    embedding Gather stays fp32, or with ``quantize_embedding`` gets its own 8-bit table (one scale).
+    """
+    import onnx
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tied = {"shared": False, "reason": "disabled"}
+    keep_head = any(e.strip() == "lm_head" for e in exclude)
+    if share_embedding and not keep_head:
+        model, tied = share_tied_int8(model)
+    model, untie = untie_lm_head(model)
+    skipped = resolve_exclude(model, exclude)
+    op_types = ["MatMul", "Gemm"] + (["Gather"] if quantize_embedding else [])
+    with tempfile.TemporaryDirectory(prefix="gpt2deploy-int8-", dir=workdir) as tmp:
+        out = Path(tmp) / "int8.onnx"
+        try:
+            with quiet_ort_logging():
+                quantize_dynamic(
+                    model,
+                    out,
+                    op_types_to_quantize=op_types,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=skipped,
+                    use_external_data_format=True,
+                    extra_options={"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True},
+                )
+        except OSError:
+            raise
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise QuantError(f"INT8 quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version") from None
+        qmodel = onnx.load(str(out), load_external_data=True)
+    desc = describe(qmodel)
+    info = {
+        "mode": "int8",
+        "weight_type": "int8",
+        "activation_type": "uint8 (dynamic)",
+        "per_channel": per_channel,
+        "reduce_range": reduce_range,
+        "quantize_embedding": quantize_embedding or bool(tied.get("shared")),
+        "tied_embedding": tied,
+        "cpu_vnni": cpu_has_vnni(),
+        "lm_head_untied": [u["weight"] for u in untie["untied"]],
+        "weight_bytes": desc["weight_bytes"]["by_type"],
+        "excluded": skipped,
+        "quantized_matmuls": desc["weight_matmuls"]["quantized"],
+        "skipped_matmuls": desc["weight_matmuls"]["float"],
+        "float_weight_fraction": round(desc["weight_bytes"]["float_fraction"], 4),
+    }
+    return qmodel, info
