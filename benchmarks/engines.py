@@ -7,6 +7,11 @@ worker process loads only its own engine (and the Optimum worker runs in its own
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+
+def _bytes(folder, patterns) -> int:
+    return sum(f.stat().st_size for p in patterns for f in Path(folder).glob(p) if f.is_file())
 
 
 class Gpt2deployEngine:
@@ -17,6 +22,9 @@ class Gpt2deployEngine:
 
         self.model = gpt2deploy.load(spec["model"], variant=spec["variant"], device="cpu", threads=spec["threads"])
         self.name = f"gpt2deploy {self.model.variant}"
+        from gpt2deploy.package import Package
+
+        self.model_bytes = Package.open(spec["model"]).variant(self.model.variant)["size"]
 
     def generate(self, ids: list[int], n: int):
         from gpt2deploy.benchmark.measure import generate_timed
@@ -78,6 +86,7 @@ class TransformersEngine(_HfGenerate):
         import transformers
 
         self.name = f"transformers {transformers.__version__} fp32"
+        self.model_bytes = _bytes(spec["model"], ["*.safetensors", "*.bin"])
 
 
 class OptimumEngine(_HfGenerate):
@@ -104,6 +113,7 @@ class OptimumEngine(_HfGenerate):
         from importlib.metadata import version
 
         self.name = f"optimum-onnx {version('optimum-onnx')} ORTModelForCausalLM"
+        self.model_bytes = _bytes(cache, ["*.onnx", "*.onnx_data", "*.onnx.data"])
 
 
 class CTranslate2Engine:
@@ -119,6 +129,7 @@ class CTranslate2Engine:
         )
         self.tokenizer = Tokenizer.from_file(spec["tokenizer"])
         self.name = f"ctranslate2 {ctranslate2.__version__} {self.compute_type}"
+        self.model_bytes = _bytes(spec["model"], ["model.bin"])
 
     def generate(self, ids: list[int], n: int):
         tokens = [self.tokenizer.id_to_token(i) for i in ids]

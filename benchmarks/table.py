@@ -20,6 +20,7 @@ def summarize_peer(peer) -> dict:
             out[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
     out["memory"] = peer.memory
     out["load_s"] = peer.info.get("load_s")
+    out["model_mb"] = peer.info.get("model_mb")
     out["runs"] = peer.runs
     if peer.curve is not None:
         out["long_context"] = peer.curve
@@ -66,21 +67,20 @@ def markdown(result: dict) -> str:
         "median (min-max). Ratios are versus transformers `generate()` fp32 measured in the same run "
         "(speed: higher is faster; RSS: lower is smaller).",
         "",
-        "| engine | TTFT ms | decode tok/s | end-to-end tok/s | peak RSS MB | decode vs HF | e2e vs HF | TTFT speedup vs HF | RSS vs HF |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | model MB | TTFT ms | decode tok/s | end-to-end tok/s | peak RSS MB | decode vs HF | e2e vs HF | TTFT speedup vs HF | RSS vs HF |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["engines"]:
         if "unavailable" in r:
-            lines.append(f"| {r['name']} | not available: {r['unavailable']} | | | | | | | |")
+            lines.append(f"| {r['name']} | not available: {r['unavailable'].removeprefix('not available: ')} | | | | | | | | |")
             continue
         ratio = r.get("vs_transformers", {})
         rss = r.get("memory", {}).get("peak_rss_mb")
+        size = f"{r['model_mb']:.0f}" if r.get("model_mb") else "n/a"
         lines.append(
-            f"| {r['name']} | {_m(r.get('ttft_ms'))} | {_m(r.get('decode_tok_s'))} | {_m(r.get('e2e_tok_s'))} | "
-            f"{rss:.0f} | {_x(ratio.get('decode'))} | {_x(ratio.get('e2e'))} | {_x(ratio.get('ttft_speedup'))} | "
-            f"{_x(ratio.get('peak_rss'))} |" if rss else
-            f"| {r['name']} | {_m(r.get('ttft_ms'))} | {_m(r.get('decode_tok_s'))} | {_m(r.get('e2e_tok_s'))} | n/a | "
-            f"{_x(ratio.get('decode'))} | {_x(ratio.get('e2e'))} | {_x(ratio.get('ttft_speedup'))} | - |"
+            f"| {r['name']} | {size} | {_m(r.get('ttft_ms'))} | {_m(r.get('decode_tok_s'))} | {_m(r.get('e2e_tok_s'))} | "
+            f"{f'{rss:.0f}' if rss else 'n/a'} | {_x(ratio.get('decode'))} | {_x(ratio.get('e2e'))} | "
+            f"{_x(ratio.get('ttft_speedup'))} | {_x(ratio.get('peak_rss'))} |"
         )
     curves = [(r["name"], r["long_context"]) for r in result["engines"] if r.get("long_context")]
     if curves:

@@ -65,7 +65,8 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         for _ in range(spec.get("warmup", 1)):
             timed(engine, spec["prompt"], spec["new_tokens"])
-        send({"event": "ready", "name": engine.name, "load_s": load_s, **memory()})
+        send({"event": "ready", "name": engine.name, "load_s": load_s,
+              "model_mb": round(getattr(engine, "model_bytes", 0) / 2**20, 1), **memory()})
     except Exception as e:  # report why this engine cannot run, the harness goes on without it
         traceback.print_exc()
         send({"event": "error", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})

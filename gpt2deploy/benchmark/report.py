@@ -33,6 +33,8 @@ def format_report(report: dict) -> str:
     if gpu:
         header.append("GPU MB")
     lines += _table(header, rows)
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"{name}: not measured ({why})")
     curves = {n: v["long_context"] for n, v in report["variants"].items() if v.get("long_context")}
     if curves:
         lines += ["", f"long context: decode tok/s after a prompt of N tokens ({cfg['curve_steps']} timed steps each)", ""]

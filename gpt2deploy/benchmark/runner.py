@@ -27,8 +27,20 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
     dims = package.dims
     config.validate_for(dims.n_positions)
     device = resolve_device(config.device)
+    skipped: dict[str, str] = {}
     if all_variants:
-        names = sorted(package.variants, key=_variant_order)
+        names = []
+        for name in sorted(package.variants, key=_variant_order):
+            why = _not_for_device(name, package.variants[name], device)
+            if why:
+                skipped[name] = why
+            else:
+                names.append(name)
+        if not names:
+            from ..errors import VariantError
+
+            raise VariantError(f"no variant of {package.root} runs on {device} ({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); "
+                               "pass --variant to measure one anyway")
     elif config.variants:
         names = list(dict.fromkeys(config.variants))
         for name in names:
@@ -47,6 +59,10 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
         "machine": _machine(),
         "variants": {},
     }
+    if skipped:
+        report["skipped"] = skipped
+    for name, why in skipped.items():
+        say(f"[bench] {name}: skipped ({why}; pass --variant {name} to measure it anyway)")
     for requested in names:
         gc.collect()
         tracker = PeakRss().start()
@@ -57,7 +73,7 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
         say(f"[bench] {name}: loaded in {load_seconds:.2f}s on {model.device}")
         rss_loaded = current_rss()
         runs = measure_runs(model, prompts, config.new_tokens, config.repeat, config.warmup,
-                            progress=lambda m, n=name: say(f"[bench] {name}: {m}"))
+                            progress=lambda m, n=name: say(f"[bench] {n}: {m}"))
         entry = {
             "variant": name,
             "device": model.device,
@@ -69,7 +85,7 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
             entry["long_context"] = measure_curve(
                 model, dims.n_positions, dims.vocab_size, batch=config.batch, steps=config.curve_steps,
                 points=config.curve_points, repeat=config.curve_repeat, seed=config.seed, avoid=avoid,
-                progress=lambda m, n=name: say(f"[bench] {name}: {m}"),
+                progress=lambda m, n=name: say(f"[bench] {n}: {m}"),
             )
         peak = tracker.stop()
         entry["memory"] = {
@@ -84,6 +100,17 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
         report["variants"][name] = entry
         del model
     return report
+
+
+def _not_for_device(name: str, entry: dict, device: str) -> str:
+    """Why ``--all`` leaves a variant out on ``device`` ('' when it is measured)."""
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
+    providers = entry.get("providers")
+    if providers and provider not in providers:
+        return f"built for {', '.join(providers)}, not {device}"
+    if name == "fp16" and device == "cpu":
+        return "fp16 is a CUDA variant; the CPU execution provider runs it slower than fp32"
+    return ""
 
 
 def _variant_order(name: str) -> tuple[int, str]:
