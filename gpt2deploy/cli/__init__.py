@@ -5,6 +5,7 @@ from .app import app
 from . import export  # noqa: F401  (registers commands)
 from . import build, package  # noqa: F401
 from . import bench  # noqa: F401
+from . import check  # noqa: F401
 from . import quantize  # noqa: F401
 
 

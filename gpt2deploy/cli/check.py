@@ -1,0 +1,110 @@
+"""`gpt2deploy check PACKAGE`: accuracy gates of package variants against a reference, on real text."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import app, command, say
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, a few plain lines otherwise)."""
+
+    def __init__(self, prefix: str = "[check]", width: int = 28, stream=None):
+        self.prefix, self.width = prefix, width
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+        self.last_quarter = -1
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        frac = done / total if total else 1.0
+        if self.tty:
+            fill = int(frac * self.width)
+            bar = "#" * fill + "-" * (self.width - fill)
+            elapsed = time.perf_counter() - self.t0
+            self.stream.write(f"\r{self.prefix} [{bar}] {done}/{total} {label:<20.20} {elapsed:5.1f}s")
+            if done >= total:
+                self.stream.write("\n")
+            self.stream.flush()
+            return
+        quarter = int(frac * 4)
+        if quarter != self.last_quarter:
+            self.last_quarter = quarter
+            self.stream.write(f"{self.prefix} {int(frac * 100):3d}% {label}\n")
+            self.stream.flush()
+
+
+def _check_json_out(path: Path) -> Path:
+    from ..errors import UsageError
+
+    path = path.expanduser().absolute()
+    if path.is_dir():
+        raise UsageError(f"--json {path} is a directory; pass a file path for the report")
+    if not path.parent.is_dir():
+        raise UsageError(f"--json {path}: directory {path.parent} does not exist; create it or choose another path")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--json {path}: cannot write to {path.parent}; choose a writable path")
+    return path
+
+
+@app.command("check")
+@command
+def check_cmd(
+    package: Path = typer.Argument(..., help="Package directory."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", "-v", help="Variant to check (repeatable). Default: every variant except the reference (fp32 alone is checked against itself)."),
+    all_variants: bool = typer.Option(False, "--all", help="Check every variant, the reference's included."),
+    reference: str = typer.Option("fp32", "--reference", help="'fp32' (or another variant name), a package directory, or the Hugging Face checkpoint directory the package came from (runs PyTorch; needs the export extra)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 evaluation text. Default: Python's pydoc_data topics prose (no download)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens to evaluate, in windows of 128 (default 4096)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="A previous --json report: also fail when a metric got worse than it by more than its tolerance."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON to this file."),
+    threshold: Optional[List[str]] = typer.Option(None, "--threshold", "-t", help="Override a gate, NAME=VALUE (e.g. kl_mean=0.01); NAME.tol=VALUE sets a baseline tolerance. Repeatable."),
+    record: bool = typer.Option(True, "--record/--no-record", help="Store the result per variant in the package manifest."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores)."),
+) -> None:
+    """Measure variants against a reference on real text and fail (exit 1) when an accuracy gate is crossed."""
+    from ..checking import check_package, write_report
+    from ..errors import RegressionError, UsageError
+    from ..accuracy.report import format_table
+
+    if variant and all_variants:
+        raise UsageError("pass either --variant or --all, not both")
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens must be a positive integer (got {max_tokens})")
+    out = _check_json_out(json_out) if json_out is not None else None
+    variants = variant or None
+    if all_variants:
+        from ..package import Package
+
+        variants = list(Package.open(package).variants)
+    report = check_package(
+        package,
+        variants=variants,
+        reference=reference,
+        text=text,
+        max_tokens=max_tokens,
+        baseline=baseline,
+        thresholds=threshold or None,
+        progress=lambda m: say(f"[check] {m}"),
+        record=record,
+        device=device,
+        threads=threads,
+        on_step=ProgressBar(),
+    )
+    typer.echo(format_table(report))
+    if out is not None:
+        write_report(report, out)
+        say(f"[check] wrote {out}")
+    if not report["passed"]:
+        failed = {n: v for n, v in report["variants"].items() if not v["passed"]}
+        first = "; ".join(f"{n}: {v['failures'][0]}" + (f" (+{len(v['failures']) - 1} more)" if len(v["failures"]) > 1 else "") for n, v in failed.items())
+        raise RegressionError(
+            f"accuracy regression in {', '.join(failed)} ({first}); fix the variant, or loosen a gate with --threshold NAME=VALUE if the change is intended"
+        )
