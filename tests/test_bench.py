@@ -123,12 +123,14 @@ def test_synthetic_prompts_are_deterministic_and_avoid_eos():
 
 
 def test_peak_rss_tracks_an_allocation():
-    import numpy as np
+    import mmap
 
+    size = 40 * 1024 * 1024
     with PeakRss() as tracker:
-        block = np.ones(40 * 1024 * 1024 // 8)  # 40 MB, touched
-        block += 1
-        del block
+        block = mmap.mmap(-1, size)  # fresh pages (malloc could reuse memory that is already resident)
+        for offset in range(0, size, 4096):
+            block[offset] = 1
+        block.close()
     assert current_rss() > 0
     assert tracker.peak >= tracker.start_rss + 30 * 1024 * 1024
 
