@@ -1,0 +1,200 @@
+"""gpt2deploy quantize: INT8 / INT4 / FP16 variants of a tiny random package.
+
+The variants are built once per module (one package copy holding all three) and then inspected:
+accuracy against fp32 on real-text tokens, graph contents, sizes and manifest entries.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EVAL_TEXT
+
+MODES = ("int8", "int4", "fp16")
+VARIANT_OF = {"int8": "int8", "int4": "int4", "fp16": "fp16"}
+#: Relative RMS error of the logits vs fp32 (||a - b|| / ||b||) on real-text tokens, random tiny model.
+REL_RMS = {"int8": 0.08, "int4": 0.4, "fp16": 0.005}
+FALLBACK_TEXT = (
+    "The river rose after three days of rain, and the ferry stopped running until the water went down. "
+    "People in the village waited on the bank, talked about the harvest and watched the boats."
+)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tiny_package) -> dict:
+    """A copy of the tiny package with int8, int4 and fp16 added; returns {"path", "results"}."""
+    from gpt2deploy.quantizing import quantize_package
+
+    dst = tmp_path_factory.mktemp("quantized") / "pkg"
+    shutil.copytree(tiny_package, dst)
+    results = {mode: quantize_package(dst, mode) for mode in MODES}
+    return {"path": dst, "results": results}
+
+
+def _text_ids(pkg, n: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    text = EVAL_TEXT.read_text(encoding="utf-8")[:4000] if EVAL_TEXT.is_file() else FALLBACK_TEXT * 4
+    ids = Tokenizer.from_file(str(pkg.tokenizer_path)).encode(text).ids
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def _weight_matmul_bytes_fp32(model) -> int:
+    from quant.report import matmul_weight_bytes
+
+    return matmul_weight_bytes(model)["float"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_logits_close_to_fp32_prompt_and_decode(quantized, mode):
+    from gpt2deploy.package import Package
+    from gpt2deploy.runtime.session import DecoderSession
+
+    pkg = Package.open(quantized["path"])
+    ids = _text_ids(pkg, 41)
+    prompt, nxt = np.array([ids[:40]]), np.array([ids[40:41]])
+    ref = DecoderSession(pkg, "fp32", "cpu", threads=1)
+    var = DecoderSession(pkg, VARIANT_OF[mode], "cpu", threads=1)
+    r0, rp = ref.forward(prompt)
+    v0, vp = var.forward(prompt)
+    assert all(p.dtype == np.float32 and p.shape == q.shape for p, q in zip(vp, rp))
+    r1, _ = ref.forward(nxt, past=rp)
+    v1, _ = var.forward(nxt, past=vp)
+    for a, b in ((v0, r0), (v1, r1)):
+        assert a.shape == b.shape and a.dtype == np.float32
+        assert np.isfinite(a).all()
+        rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        assert rel < REL_RMS[mode], f"{mode}: relative logit error {rel:.4f} >= {REL_RMS[mode]}"
+    # a decode step with past matches the same token run as part of the full sequence (int8 quantizes
+    # activations per call, so a single-token step and a 41-token run differ slightly)
+    full, _ = var.forward(np.array([ids[:41]]))
+    step_vs_full = float(np.linalg.norm(full[:, -1] - v1[:, -1]) / np.linalg.norm(full[:, -1]))
+    assert step_vs_full < REL_RMS[mode] / 2
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_every_weight_matmul_is_quantized_lm_head_included(quantized, mode):
+    import onnx
+
+    from quant.report import weight_matmuls
+
+    path = quantized["path"]
+    entry = quantized["results"][mode]["entry"]
+    model = onnx.load(str(path / entry["file"]))
+    mm = weight_matmuls(model)
+    assert mm["float"] == [], f"float weight MatMuls left: {mm['float']}"
+    ops = [n.op_type for n in model.graph.node]
+    assert "Gemm" not in ops
+    # 2 layers x 4 linear layers + the lm_head
+    assert len(mm["quantized"]) == 2 * 4 + 1
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    assert head.op_type == ("DynamicQuantizeMatMul" if mode == "int8" else "MatMulNBits")
+    # no float copy of the big tied matrix is left behind
+    table = 50257 * 64
+    big_float = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= table]
+    assert big_float == []
+    assert entry["recipe"]["quantized_matmuls"] == 9 and entry["recipe"]["skipped_matmuls"] == 0
+
+
+def test_weight_size_ratios(quantized, tiny_package):
+    """Bytes feeding the weight MatMuls (data + scales + zero points) vs their fp32 weights.
+
+    The fp32 count includes the tied lm_head once (its [vocab, hidden] table), so it is the same set of
+    matrices in both graphs. Whole files are compared too: the int8 file carries the tied table once.
+    """
+    import onnx
+
+    from quant.report import matmul_weight_bytes
+
+    fp32 = onnx.load(str(tiny_package / "onnx" / "model.onnx"))
+    base = _weight_matmul_bytes_fp32(fp32)
+    assert base > 0
+    ratios = {}
+    for mode in ("int8", "int4"):
+        model = onnx.load(str(quantized["path"] / quantized["results"][mode]["entry"]["file"]))
+        got = matmul_weight_bytes(model)
+        assert got["float"] == 0
+        ratios[mode] = got["quantized"] / base
+    assert ratios["int8"] <= 0.30, ratios
+    assert ratios["int4"] <= 0.20, ratios
+    res = quantized["results"]
+    assert res["int8"]["summary"]["size_after"] <= 0.30 * res["int8"]["summary"]["size_before"]
+    assert res["fp16"]["summary"]["size_after"] <= 0.51 * res["fp16"]["summary"]["size_before"]
+
+
+def test_manifest_entries_valid(quantized):
+    from gpt2deploy.fsutil import sha256_file
+    from gpt2deploy.package import Package
+
+    pkg = Package.open(quantized["path"])
+    assert set(pkg.variants) == {"fp32", "int8", "int4", "fp16"}
+    assert pkg.integrity_problems() == []
+    expect_files = {"int8": "onnx/model_int8.onnx", "int4": "onnx/model_q4.onnx", "fp16": "onnx/model_fp16.onnx"}
+    expect_prov = {"int8": ["CPUExecutionProvider"], "int4": ["CPUExecutionProvider", "CUDAExecutionProvider"], "fp16": ["CUDAExecutionProvider"]}
+    for mode in MODES:
+        e = pkg.variant(mode)
+        assert e["file"] == expect_files[mode]
+        assert e["files"][0]["sha256"] == sha256_file(pkg.root / e["file"])
+        assert e["size"] == (pkg.root / e["file"]).stat().st_size
+        assert e["precision"] == mode
+        assert e["providers"] == expect_prov[mode]
+        assert {"onnxruntime", "onnx"} <= set(e["libraries"])
+        r = e["recipe"]
+        for key in ("mode", "per_channel", "block_size", "accuracy_level", "excluded", "fused", "quantized_matmuls", "skipped_matmuls", "float_weight_fraction"):
+            assert key in r, key
+        assert r["fused"].get("SkipLayerNormalization", 0) >= 4 and r["fused"].get("FastGelu", 0) == 2
+        assert e["sample_check"]["finite"] is True
+    assert pkg.variant("int4")["recipe"]["block_size"] == 32
+    assert pkg.variant("int4")["recipe"]["accuracy_level"] == 4
+    assert pkg.variant("int8")["recipe"]["float_weight_fraction"] < 0.1
+    assert "CUDA" in pkg.variant("fp16")["note"] and "slower" in pkg.variant("fp16")["note"]
+    assert not list(pkg.root.glob("onnx/.quantize-*")), "staging directories left behind"
+
+
+def test_cli_summary_and_existing_variant_needs_force(cli, package_copy):
+    r = cli("quantize", package_copy, "--mode", "int8", "--exclude", "lm_head")
+    assert r.exit_code == 0, r.stderr
+    assert "1 left float" in r.stderr and "8 quantized" in r.stderr
+    assert "fused ops" in r.stderr and "SkipLayerNormalization" in r.stderr
+    assert "model_int8.onnx" in r.stdout
+    manifest = json.loads((package_copy / "manifest.json").read_text())
+    assert len(manifest["variants"]["int8"]["recipe"]["excluded"]) == 1
+    before = (package_copy / "manifest.json").read_bytes()
+    graph = (package_copy / "onnx/model_int8.onnx").read_bytes()
+    r = cli("quantize", package_copy, "--mode", "int8")
+    assert r.exit_code != 0
+    assert r.stderr.startswith("error: ") and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (package_copy / "manifest.json").read_bytes() == before
+    assert (package_copy / "onnx/model_int8.onnx").read_bytes() == graph
+    r = cli("quantize", package_copy, "--mode", "int8", "--per-channel", "--force")
+    assert r.exit_code == 0, r.stderr
+    manifest = json.loads((package_copy / "manifest.json").read_text())
+    assert manifest["variants"]["int8"]["recipe"]["per_channel"] is True
+    assert manifest["variants"]["int8"]["recipe"]["excluded"] == []
+
+
+def test_fp16_cli_says_cuda(cli, package_copy):
+    r = cli("quantize", package_copy, "--mode", "fp16")
+    assert r.exit_code == 0, r.stderr
+    assert "CUDA variant" in r.stderr and "slower" in r.stderr
+
+
+def test_external_data_above_the_protobuf_limit(package_copy, monkeypatch):
+    import quant.graph
+    from gpt2deploy.package import Package
+    from gpt2deploy.quantizing import quantize_package
+    from gpt2deploy.runtime.session import DecoderSession
+
+    monkeypatch.setattr(quant.graph, "PROTOBUF_LIMIT", 0)
+    out = quantize_package(package_copy, "int4")
+    files = [f["path"] for f in out["entry"]["files"]]
+    assert files == ["onnx/model_q4.onnx", "onnx/model_q4.onnx.data"]
+    pkg = Package.open(package_copy)
+    assert pkg.integrity_problems() == []
+    logits, _ = DecoderSession(pkg, "int4", "cpu", threads=1).forward(np.array([[464, 3290, 318]]))
+    assert np.isfinite(logits).all()
