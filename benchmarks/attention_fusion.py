@@ -72,7 +72,7 @@ def _int8(model, workdir: Path, tag: str):
     return dst
 
 
-def build_graphs(package: Path, precisions, ops, workdir: Path, log) -> dict:
+def build_graphs(package: Path, precisions, ops, workdir: Path, log, reuse: bool = False) -> dict:
     import onnx
 
     from gpt2deploy.package import Package
@@ -92,12 +92,17 @@ def build_graphs(package: Path, precisions, ops, workdir: Path, log) -> dict:
     for prec in precisions:
         for name, model in variants.items():
             path = workdir / f"{prec}_{name}.onnx"
+            if path.is_file() and reuse:
+                graphs[(prec, name)] = path
+                log(f"reusing {path}")
+                continue
             if prec == "fp32":
                 onnx.save(model, str(path))
             else:
                 copy = onnx.ModelProto()
                 copy.CopyFrom(model)
                 path = _int8(copy, workdir, f"{prec}_{name}")
+                path = path.replace(workdir / f"{prec}_{name}.onnx")
             graphs[(prec, name)] = path
             log(f"built {prec}/{name} ({path.stat().st_size / 1e6:.0f} MB)")
     return graphs
@@ -156,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--ops", default="MultiHeadAttention,GroupQueryAttention")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--build-only", action="store_true", help="build the graphs (into --workdir) and stop")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the built graphs here and reuse them on the next run")
     args = ap.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -169,7 +176,11 @@ def main(argv=None) -> int:
     ops = [o for o in args.ops.split(",") if o]
     results: dict = {"threads": args.threads, "steps": args.steps, "reps": args.reps, "results": {}}
     with tempfile.TemporaryDirectory(prefix="attn-bench-") as tmp:
-        graphs = build_graphs(args.package, precisions, ops, Path(tmp), log)
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        graphs = build_graphs(args.package, precisions, ops, workdir, log, reuse=args.workdir is not None)
+        if args.build_only:
+            return 0
         for prec in precisions:
             names = ["unfused", *ops]
             runners = {n: Runner(graphs[(prec, n)], dims, args.threads) for n in names}

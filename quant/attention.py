@@ -1,0 +1,489 @@
+"""Fuse each decoder layer's attention subgraph into one ONNX Runtime contrib attention op.
+
+The exported graph spells attention out as Reshape/Transpose per head, Concat with the past KV, a
+Reshape/Transpose/Reshape to get K', two scaling Muls, MatMul, Add(mask bias), Softmax, a NaN guard,
+MatMul with V, and a Transpose back. One ``com.microsoft.MultiHeadAttention`` node does the same work
+on [batch, seq, hidden] Q/K/V, takes the past KV in [batch, heads, past, head_dim] and returns the
+present KV in that layout, so it keeps the graph's inputs and outputs exactly as they are.
+
+The additive mask the graph already builds from ``attention_mask`` (causal and left-padding, with a
+finite fill value) is passed as ``attention_bias``, so masking semantics are the graph's own.
+
+``GroupQueryAttention`` is available as an alternative target (``op=``); its extra inputs
+(``seqlens_k``, ``total_sequence_length``) are computed inside the graph from ``attention_mask``.
+
+Every layer is matched completely before anything is rewritten; a layer that does not match is left
+as it is and reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import QuantError
+from .graph_match import GraphIndex, attr, remove_dead_nodes
+
+MHA = "MultiHeadAttention"
+GQA = "GroupQueryAttention"
+OPS = (MHA, GQA)
+MS_DOMAIN = "com.microsoft"
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass
+class LayerMatch:
+    """Everything one layer's rewrite needs, found by ``match_layer``."""
+
+    softmax: onnx.NodeProto
+    query: str
+    key: str
+    value: str
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+    mask_bias: str
+    scale: float
+    out_transpose: onnx.NodeProto
+    present_concats: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- matching helpers
+
+
+def _scaled(index: GraphIndex, name: str) -> tuple[str, float] | None:
+    """``name`` = x * c or x / c with c a constant scalar -> (x, factor); else (name, 1.0)."""
+    node = index.producer.get(name)
+    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Div"):
+        return name, 1.0
+    a, b = node.input[0], node.input[1]
+    cb = index.scalar(b)
+    if cb is not None:
+        if node.op_type == "Div":
+            return (a, 1.0 / cb) if cb != 0 else None
+        return a, cb
+    ca = index.scalar(a)
+    if ca is not None and node.op_type == "Mul":
+        return b, ca
+    return name, 1.0
+
+
+def _split_heads_source(index: GraphIndex, name: str, num_heads: int, head_dim: int) -> str | None:
+    """``name`` = Transpose[0,2,1,3](Reshape(x, [B, S, N|-1, H])) with x [B, S, hidden] -> x."""
+    tr = index.producer.get(name)
+    if tr is None or tr.op_type != "Transpose" or tr.domain not in ("", "ai.onnx"):
+        return None
+    if list(attr(tr, "perm", [])) != [0, 2, 1, 3]:
+        return None
+    rs = index.parent(tr, 0, "Reshape")
+    if rs is None or len(index.consumers[rs.output[0]]) != 1:
+        return None
+    if not _is_head_shape(index, rs.input[1], num_heads, head_dim):
+        return None
+    source = rs.input[0]
+    return source if _is_rank3_hidden(index, source) else None
+
+
+def _is_head_shape(index: GraphIndex, name: str, num_heads: int, head_dim: int) -> bool:
+    """A 4-element reshape target whose last two entries are (num_heads or -1, head_dim)."""
+    value = index.value(name)
+    if value is not None:
+        v = value.ravel().tolist()
+        return len(v) == 4 and v[3] == head_dim and v[2] in (num_heads, -1) and 0 not in v[2:]
+    cat = index.producer.get(name)
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 4:
+        return False
+    n, h = index.value(cat.input[2]), index.value(cat.input[3])
+    if n is None or h is None or n.size != 1 or h.size != 1:
+        return False
+    return int(h.ravel()[0]) == head_dim and int(n.ravel()[0]) in (num_heads, -1)
+
+
+def _is_rank3_hidden(index: GraphIndex, name: str) -> bool:
+    """``name`` is a [batch, seq, hidden] tensor: a third of a QKV Split on axis 2, or typed rank 3."""
+    rank = index.rank(name)
+    if rank is not None:
+        return rank == 3
+    sp = index.producer.get(name)
+    if sp is not None and sp.op_type == "Split" and sp.domain in ("", "ai.onnx"):
+        return attr(sp, "axis", 0) == 2
+    return False
+
+
+def _shape_slice(index: GraphIndex, name: str, of: str) -> tuple[int, int] | None:
+    """``name`` = Slice(Shape(of), start, end[, axes=[0]]) -> (start, end)."""
+    sl = index.producer.get(name)
+    if sl is None or sl.op_type != "Slice" or len(sl.input) < 3:
+        return None
+    shape = index.parent(sl, 0, "Shape")
+    if shape is None or shape.input[0] != of or attr(shape, "start", 0) != 0 or attr(shape, "end") is not None:
+        return None
+    if len(sl.input) > 3 and sl.input[3]:
+        axes = index.value(sl.input[3])
+        if axes is None or axes.ravel().tolist() != [0]:
+            return None
+    if len(sl.input) > 4 and sl.input[4]:
+        steps = index.value(sl.input[4])
+        if steps is None or steps.ravel().tolist() != [1]:
+            return None
+    start, end = index.value(sl.input[1]), index.value(sl.input[2])
+    if start is None or end is None or start.size != 1 or end.size != 1:
+        return None
+    return int(start.ravel()[0]), int(end.ravel()[0])
+
+
+def _is_last_dim(se) -> bool:
+    return se is not None and se[0] == -1 and se[1] >= 4
+
+
+def _is_second_last_dim(se) -> bool:
+    return se is not None and se == (-2, -1)
+
+
+def _transposed_key_source(index: GraphIndex, name: str) -> str | None:
+    """``name`` = K with its last two axes swapped -> K.
+
+    Accepts Transpose[0,1,3,2](K) and the exporter's Reshape([-1, T, H]) -> Transpose[0,2,1] ->
+    Reshape([B, N, H, T]) whose target shapes are slices of Shape(K).
+    """
+    node = index.producer.get(name)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Transpose":
+        return node.input[0] if list(attr(node, "perm", [])) == [0, 1, 3, 2] else None
+    if node.op_type != "Reshape":
+        return None
+    tr = index.parent(node, 0, "Transpose")
+    if tr is None or list(attr(tr, "perm", [])) != [0, 2, 1]:
+        return None
+    inner = index.parent(tr, 0, "Reshape")
+    if inner is None:
+        return None
+    key = inner.input[0]
+    first = index.parent(inner, 1, "Concat")
+    second = index.parent(node, 1, "Concat")
+    if first is None or second is None or len(first.input) != 3 or len(second.input) != 3:
+        return None
+    lead = index.value(first.input[0])
+    if lead is None or lead.ravel().tolist() != [-1]:
+        return None
+    t1, h1 = _shape_slice(index, first.input[1], key), _shape_slice(index, first.input[2], key)
+    bn, h2, t2 = (_shape_slice(index, x, key) for x in second.input)
+    if not (_is_second_last_dim(t1) and _is_second_last_dim(t2) and _is_last_dim(h1) and _is_last_dim(h2)):
+        return None
+    if bn is None or bn[1] != -2 or not (bn[0] == 0 or bn[0] <= -4):
+        return None
+    return key
+
+
+def _present_concat(index: GraphIndex, name: str) -> tuple[onnx.NodeProto, str, str] | None:
+    """``name`` = Concat(past, new, axis=2) with ``past`` a graph input -> (node, past, new)."""
+    cat = index.producer.get(name)
+    if cat is None or cat.op_type != "Concat" or cat.domain not in ("", "ai.onnx") or len(cat.input) != 2:
+        return None
+    if attr(cat, "axis") not in (2, -2):
+        return None
+    past, new = cat.input
+    if past not in index.graph_inputs:
+        return None
+    return cat, past, new
+
+
+def _past_shape_ok(model: onnx.ModelProto, name: str, num_heads: int, head_dim: int) -> bool:
+    for vi in model.graph.input:
+        if vi.name == name:
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) != 4 or vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+                return False
+            n, h = dims[1], dims[3]
+            return (not n.HasField("dim_value") or n.dim_value == num_heads) and (not h.HasField("dim_value") or h.dim_value == head_dim)
+    return False
+
+
+def match_layer(index: GraphIndex, model: onnx.ModelProto, softmax: onnx.NodeProto, num_heads: int, head_dim: int) -> tuple[LayerMatch | None, str]:
+    """Match the attention around one Softmax; returns (match, "") or (None, reason)."""
+    if softmax.domain not in ("", "ai.onnx") or attr(softmax, "axis", -1) not in (-1, 3):
+        return None, "softmax is not over the last axis"
+    add = index.parent(softmax, 0, "Add")
+    if add is None:
+        return None, "softmax input is not an Add of scores and a mask bias"
+    qk, mask_bias = None, None
+    for i in (0, 1):
+        scores = _scaled(index, add.input[i])
+        if scores is None:
+            continue
+        node = index.producer.get(scores[0])
+        if node is not None and node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            qk, mask_bias, post_scale = node, add.input[1 - i], scores[1]
+            break
+    if qk is None:
+        return None, "scores are not a MatMul"
+    if index.value(mask_bias) is not None and index.value(mask_bias).size == 1:
+        return None, "mask bias is a scalar"
+    # Q side
+    q = _scaled(index, qk.input[0])
+    kt = _scaled(index, qk.input[1])
+    if q is None or kt is None:
+        return None, "bad Q/K scaling"
+    scale = post_scale * q[1] * kt[1]
+    query = _split_heads_source(index, q[0], num_heads, head_dim)
+    if query is None:
+        return None, "query is not a head split of a [batch, seq, hidden] tensor"
+    present_key = _transposed_key_source(index, kt[0])
+    if present_key is None:
+        return None, "key side is not a transpose of the present key"
+    kcat = _present_concat(index, present_key)
+    if kcat is None:
+        return None, "present key is not Concat(past_key, new_key)"
+    key = _split_heads_source(index, kcat[2], num_heads, head_dim)
+    if key is None:
+        return None, "new key is not a head split of a [batch, seq, hidden] tensor"
+    # probabilities, optionally NaN-guarded
+    probs = softmax.output[0]
+    users = index.consumers.get(probs, [])
+    if len(users) == 2 and {u.op_type for u in users} == {"IsNaN", "Where"}:
+        isnan = next(u for u in users if u.op_type == "IsNaN")
+        where = next(u for u in users if u.op_type == "Where")
+        zero = index.scalar(where.input[1])
+        if where.input[0] != isnan.output[0] or where.input[2] != probs or zero != 0.0:
+            return None, "unexpected NaN guard after softmax"
+        if len(index.consumers.get(isnan.output[0], [])) != 1:
+            return None, "NaN guard is shared"
+        probs = where.output[0]
+    pv = index.only_consumer(probs)
+    if pv is None or pv.op_type != "MatMul" or pv.input[0] != probs:
+        return None, "probabilities do not feed one MatMul with V"
+    present_value = pv.input[1]
+    vcat = _present_concat(index, present_value)
+    if vcat is None:
+        return None, "present value is not Concat(past_value, new_value)"
+    value = _split_heads_source(index, vcat[2], num_heads, head_dim)
+    if value is None:
+        return None, "new value is not a head split of a [batch, seq, hidden] tensor"
+    out_t = index.only_consumer(pv.output[0])
+    if out_t is None or out_t.op_type != "Transpose" or list(attr(out_t, "perm", [])) != [0, 2, 1, 3]:
+        return None, "attention output is not transposed back to [batch, seq, heads, head_dim]"
+    for past in (kcat[1], vcat[1]):
+        if not _past_shape_ok(model, past, num_heads, head_dim):
+            return None, f"{past} is not float [batch, {num_heads}, past, {head_dim}]"
+    if not np.isfinite(scale) or scale <= 0:
+        return None, "attention scale is not a positive number"
+    match = LayerMatch(
+        softmax=softmax, query=query, key=key, value=value,
+        past_key=kcat[1], past_value=vcat[1], present_key=present_key, present_value=present_value,
+        mask_bias=mask_bias, scale=float(scale), out_transpose=out_t, present_concats=[kcat[0], vcat[0]],
+    )
+    leak = _self_contained(index, match)
+    if leak:
+        return None, f"intermediate tensor {leak} is used outside the attention subgraph"
+    return match, ""
+
+
+def _data_inputs(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
+    """Inputs that carry activations (not reshape targets or constant factors)."""
+    if node.op_type in ("Reshape", "Transpose", "Softmax", "IsNaN"):
+        return [node.input[0]]
+    if node.op_type == "Where":
+        return list(node.input)
+    return [x for x in node.input if x and index.value(x) is None]
+
+
+def _self_contained(index: GraphIndex, m: LayerMatch) -> str:
+    """"" when no tensor inside the matched subgraph is used outside it, else the offending tensor.
+
+    The inside is every node on the data path from the sources (Q/K/V, past, mask bias) to the
+    attention output and the present KV; the attention output and the presents may be used anywhere.
+    """
+    boundary = {m.query, m.key, m.value, m.past_key, m.past_value, m.mask_bias, m.present_key, m.present_value}
+    inside = {id(n): n for n in m.present_concats}
+    todo = [m.out_transpose, *m.present_concats]
+    while todo:
+        node = todo.pop()
+        inside[id(node)] = node
+        for name in _data_inputs(node, index):
+            if name in boundary or name in index.graph_inputs or index.value(name) is not None:
+                continue
+            parent = index.producer.get(name)
+            if parent is None:
+                return name
+            if id(parent) not in inside:
+                todo.append(parent)
+    free = {m.out_transpose.output[0], m.present_key, m.present_value}
+    for node in inside.values():
+        for out in node.output:
+            if not out or out in free:
+                continue
+            if out in index.graph_outputs or any(id(u) not in inside for u in index.consumers.get(out, [])):
+                return out
+    return ""
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+def _mask_bias_is_finite(index: GraphIndex, name: str) -> bool | None:
+    """True/False when the bias is Where(cond, a, b) with constant a, b; None when unknown."""
+    node = index.producer.get(name)
+    if node is None or node.op_type != "Where":
+        return None
+    a, b = index.value(node.input[1]), index.value(node.input[2])
+    if a is None or b is None:
+        return None
+    return bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
+
+
+def _finite_mask_bias(graph: onnx.GraphProto, index: GraphIndex, name: str, cache: dict) -> str:
+    """The contrib kernels do not guard against all-masked rows: give them a bias with a finite fill."""
+    if name in cache:
+        return cache[name]
+    if _mask_bias_is_finite(index, name) is not False:
+        cache[name] = name
+        return name
+    where = index.producer[name]
+    fill_name = f"{name}_finite_fill"
+    fill = numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), fill_name)
+    graph.initializer.append(fill)
+    a, b = index.value(where.input[1]), index.value(where.input[2])
+    ins = list(where.input)
+    if not np.all(np.isfinite(a)):
+        ins[1] = fill_name
+    if not np.all(np.isfinite(b)):
+        ins[2] = fill_name
+    out = f"{name}_finite"
+    pos = list(graph.node).index(where) + 1
+    graph.node.insert(pos, helper.make_node("Where", ins, [out], name=f"{where.name}_finite"))
+    cache[name] = out
+    return out
+
+
+def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
+    """GroupQueryAttention's length inputs, all int32, computed from the shapes of the graph inputs.
+
+    Every row's KV holds the same number of positions (left padding is masked by the bias), so
+    seqlens_k is total - 1 for each row, total_sequence_length is the mask's length and
+    query_seqlens (which lets a batch run multi-token steps with past) is the step length.
+    """
+    def const(name, arr):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{prefix}_{name}"))
+        return f"{prefix}_{name}"
+
+    n = lambda s: f"{prefix}_{s}"  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["attention_mask"], [n("mask_shape")]),
+        helper.make_node("Gather", [n("mask_shape"), const("idx1", np.int64(1))], [n("total64")], axis=0),
+        helper.make_node("Cast", [n("total64")], [n("total")], to=TensorProto.INT32),
+        helper.make_node("Sub", [n("total"), const("one", np.int32(1))], [n("last")]),
+        helper.make_node("Slice", [n("mask_shape"), const("s0", np.array([0], np.int64)), const("s1", np.array([1], np.int64))], [n("batch")]),
+        helper.make_node("Expand", [n("last"), n("batch")], [n("seqlens_k")]),
+        helper.make_node("Shape", ["input_ids"], [n("ids_shape")], start=1, end=2),
+        helper.make_node("Cast", [n("ids_shape")], [n("seq32")], to=TensorProto.INT32),
+        helper.make_node("Expand", [n("seq32"), n("batch")], [n("query_seqlens")]),
+    ]
+    for i, node in enumerate(nodes):
+        node.name = f"{prefix}_node{i}"
+        graph.node.insert(i, node)
+    return n("seqlens_k"), n("total"), n("query_seqlens")
+
+
+def _attention_node(m: LayerMatch, op: str, num_heads: int, out: str, bias: str, lengths: tuple[str, str, str] | None, i: int) -> onnx.NodeProto:
+    if op == MHA:
+        inputs = [m.query, m.key, m.value, "", "", bias, m.past_key, m.past_value]
+        extra = {}
+    else:
+        seqlens_k, total, query_seqlens = lengths
+        inputs = [m.query, m.key, m.value, m.past_key, m.past_value, seqlens_k, total, "", "", "", bias, "", "", "", "", "", query_seqlens]
+        extra = {"kv_num_heads": num_heads}
+    return helper.make_node(
+        op, inputs, [out, m.present_key, m.present_value], name=f"fused_attention_{i}", domain=MS_DOMAIN,
+        num_heads=num_heads, scale=m.scale, **extra,
+    )
+
+
+def _rewire_output(graph: onnx.GraphProto, index: GraphIndex, m: LayerMatch, fused_out: str, num_heads: int, head_dim: int, i: int) -> list[onnx.NodeProto]:
+    """Feed the fused [batch, seq, hidden] output to whatever read the [batch, seq, heads, head_dim] one."""
+    t_out = m.out_transpose.output[0]
+    users = index.consumers.get(t_out, [])
+    if t_out not in index.graph_outputs and len(users) == 1 and users[0].op_type == "Reshape":
+        target = index.value(users[0].input[1])
+        if target is not None and 0 not in target.ravel().tolist()[2:]:
+            for k, name in enumerate(users[0].input):
+                if name == t_out:
+                    users[0].input[k] = fused_out
+            return []
+    shape = f"fused_attention_{i}_heads_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([0, 0, num_heads, head_dim], np.int64), shape))
+    return [helper.make_node("Reshape", [fused_out, shape], [t_out], name=f"fused_attention_{i}_heads")]
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
+
+
+def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op: str = MHA) -> tuple[onnx.ModelProto, dict]:
+    """Rewrite every matching layer's attention into one ``op`` node; returns (model, report).
+
+    The graph's inputs and outputs are unchanged. ``model`` is not modified; a copy is returned
+    (the same object when nothing matched).
+    """
+    if op not in OPS:
+        raise QuantError(f"unknown attention op {op!r}; use one of {', '.join(OPS)}")
+    if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
+        raise QuantError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; pass the model's n_embd and n_head")
+    head_dim = hidden_size // num_heads
+    report = {"fused": 0, "op": op, "softmax": 0, "unmatched": [], "nodes_before": len(model.graph.node)}
+    if _has_subgraphs(model.graph):
+        report["unmatched"].append("graph has control-flow subgraphs")
+        report["nodes_after"] = report["nodes_before"]
+        return model, report
+
+    index = GraphIndex(model.graph)
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
+    report["softmax"] = len(softmaxes)
+    matches = []
+    for sm in softmaxes:
+        m, reason = match_layer(index, model, sm, num_heads, head_dim)
+        if m is None:
+            report["unmatched"].append(f"{sm.name}: {reason}")
+        else:
+            matches.append(m)
+    presents = [p for m in matches for p in (m.present_key, m.present_value)]
+    if len(set(presents)) != len(presents):
+        report["unmatched"].append("layers share a present KV tensor")
+        matches = []
+    if not matches:
+        report["nodes_after"] = report["nodes_before"]
+        return model, report
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    index = GraphIndex(graph)
+    by_name = {n.name: n for n in graph.node}
+    bias_cache: dict = {}
+    lengths = _gqa_lengths(graph, "fused_attention_lengths") if op == GQA else None
+    for i, m0 in enumerate(matches):
+        # re-resolve nodes in the copy
+        m = LayerMatch(**{**m0.__dict__, "softmax": by_name[m0.softmax.name], "out_transpose": by_name[m0.out_transpose.name],
+                          "present_concats": [by_name[c.name] for c in m0.present_concats]})
+        bias = _finite_mask_bias(graph, index, m.mask_bias, bias_cache)
+        fused_out = f"fused_attention_{i}_output"
+        node = _attention_node(m, op, num_heads, fused_out, bias, lengths, i)
+        extra = _rewire_output(graph, index, m, fused_out, num_heads, head_dim, i)
+        pos = list(graph.node).index(m.out_transpose)
+        for k, new in enumerate([node, *extra]):
+            graph.node.insert(pos + k, new)
+        for cat in m.present_concats:
+            graph.node.remove(cat)
+    if not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    remove_dead_nodes(graph)
+    live = {x for n in graph.node for x in (*n.input, *n.output)}
+    vis = [vi for vi in graph.value_info if vi.name in live]
+    del graph.value_info[:]
+    graph.value_info.extend(vis)
+    report["fused"] = len(matches)
+    report["nodes_after"] = len(graph.node)
+    return out, report

@@ -1,0 +1,299 @@
+"""Attention fusion: every layer becomes one contrib attention op, the I/O contract is unchanged and the
+logits match the unfused graph (prompt, decode with past, multi-token steps with past, left-padded batch)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import EVAL_TEXT, GPT2_REF, TOKENIZER_DIR, requires_gpt2_ref
+from quant import QuantError
+from quant.attention import GQA, MHA, fuse_attention
+
+TOL = 1e-4
+
+
+def _ort_optimized(model: onnx.ModelProto, num_heads: int, hidden: int) -> onnx.ModelProto:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    return optimize_model(model, model_type="gpt2", num_heads=num_heads, hidden_size=hidden, opt_level=0).model
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+class Graphs:
+    """One exported decoder: its raw and ORT-optimized graphs, and fused versions made on demand."""
+
+    def __init__(self, model: onnx.ModelProto, n_layer: int, n_head: int, hidden: int):
+        self.raw = model
+        self.n_layer, self.n_head, self.hidden = n_layer, n_head, hidden
+        self.head_dim = hidden // n_head
+        self.optimized = _ort_optimized(model, n_head, hidden)
+        self._fused: dict = {}
+        self._sessions: dict = {}
+
+    def fused(self, stage: str = "optimized", op: str = MHA):
+        key = (stage, op)
+        if key not in self._fused:
+            self._fused[key] = fuse_attention(getattr(self, stage), self.n_head, self.hidden, op=op)
+        return self._fused[key]
+
+    def session(self, stage: str, op: str | None):
+        key = (stage, op)
+        if key not in self._sessions:
+            model = getattr(self, stage) if op is None else self.fused(stage, op)[0]
+            self._sessions[key] = _session(model)
+        return self._sessions[key]
+
+    def empty_past(self, batch: int):
+        return [np.zeros((batch, self.n_head, 0, self.head_dim), np.float32) for _ in range(2 * self.n_layer)]
+
+    def step(self, sess, ids, mask, past):
+        pos = np.cumsum(mask, axis=1) - 1
+        pos[mask == 0] = 0
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos[:, -ids.shape[1]:].astype(np.int64)}
+        for i in range(self.n_layer):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+        out = sess.run(None, feed)
+        return out[0], out[1:]
+
+
+def _graphs_from_package(package) -> Graphs:
+    from gpt2deploy.package import Package
+
+    pkg = Package.open(package)
+    d = pkg.dims
+    return Graphs(onnx.load(str(pkg.variant_path("fp32"))), d.n_layer, d.n_head, d.hidden_size)
+
+
+@pytest.fixture(scope="module")
+def graphs_a(tiny_package) -> Graphs:
+    return _graphs_from_package(tiny_package)
+
+
+@pytest.fixture(scope="module")
+def graphs_b(tmp_path_factory, tiny_checkpoint_b) -> Graphs:
+    """Shape B (3 layers, 6 heads of 8) exported straight to ONNX, without a package."""
+    from transformers import GPT2LMHeadModel
+
+    from exporters.onnx_export import export_onnx
+
+    model = GPT2LMHeadModel.from_pretrained(str(tiny_checkpoint_b)).eval()
+    path = tmp_path_factory.mktemp("attn_b") / "model.onnx"
+    export_onnx(model, path)
+    c = model.config
+    return Graphs(onnx.load(str(path)), c.n_layer, c.n_head, c.n_embd)
+
+
+def _io(model: onnx.ModelProto):
+    return [vi.SerializeToString() for vi in model.graph.input], [vi.SerializeToString() for vi in model.graph.output]
+
+
+def _real_rows(x: np.ndarray, mask_tail: np.ndarray) -> np.ndarray:
+    """Positions of real (unpadded) tokens of a [batch, seq, ...] array."""
+    return x[mask_tail.astype(bool)]
+
+
+def _compare_run(g: Graphs, stage: str, op: str, ids: np.ndarray, mask: np.ndarray, steps: int = 3, chunk: int = 3):
+    """Prompt (past 0), ``steps`` single-token decode steps and one multi-token step with past."""
+    ref, fus = g.session(stage, None), g.session(stage, op)
+    rng = np.random.default_rng(0)
+    batch, seq = ids.shape
+    la, pa = g.step(ref, ids, mask, g.empty_past(batch))
+    lb, pb = g.step(fus, ids, mask, g.empty_past(batch))
+    assert np.abs(_real_rows(la, mask) - _real_rows(lb, mask)).max() <= TOL
+    for x, y in zip(pa, pb):  # present KV at real positions
+        assert x.shape == y.shape
+        assert np.abs(_real_rows(x.transpose(0, 2, 1, 3), mask) - _real_rows(y.transpose(0, 2, 1, 3), mask)).max() <= TOL
+    for n_new in [1] * steps + [chunk]:
+        new = rng.integers(0, 1000, (batch, n_new)).astype(np.int64)
+        mask = np.concatenate([mask, np.ones((batch, n_new), np.int64)], axis=1)
+        la, pa = g.step(ref, new, mask, pa)
+        lb, pb = g.step(fus, new, mask, pb)
+        assert np.abs(la - lb).max() <= TOL, f"step of {n_new} tokens at past {mask.shape[1] - n_new}"
+        assert [p.shape for p in pa] == [p.shape for p in pb]
+
+
+# ------------------------------------------------------------------------------------ structure
+
+
+@pytest.mark.parametrize("stage", ["raw", "optimized"])
+def test_every_layer_fused_and_contract_kept(graphs_a, stage):
+    g = graphs_a
+    src = getattr(g, stage)
+    before = src.SerializeToString()
+    fused, report = g.fused(stage)
+    assert src.SerializeToString() == before, "the input model must not be modified"
+    assert report["fused"] == g.n_layer and report["op"] == MHA and report["unmatched"] == []
+    assert report["nodes_after"] < report["nodes_before"]
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["MultiHeadAttention"] == g.n_layer
+    for gone in ("Softmax", "IsNaN"):
+        assert ops[gone] == 0, gone
+    # at most the lm_head's weight Transpose is left; no per-layer layout shuffles
+    assert ops["Transpose"] <= 1
+    assert _io(fused) == _io(src)
+    assert any(o.domain == "com.microsoft" for o in fused.opset_import)
+    onnx.checker.check_model(fused)
+
+
+def test_shape_b_and_gqa_structure(graphs_b):
+    for op in (MHA, GQA):
+        fused, report = graphs_b.fused("optimized", op)
+        assert report["fused"] == 3 and report["op"] == op
+        assert Counter(n.op_type for n in fused.graph.node)[op] == 3
+        assert _io(fused) == _io(graphs_b.optimized)
+
+
+# ------------------------------------------------------------------------------------ numerics
+
+
+@pytest.mark.parametrize("op", [MHA, GQA])
+@pytest.mark.parametrize("stage", ["raw", "optimized"])
+def test_logits_match_single_row(graphs_a, stage, op):
+    ids = np.random.default_rng(1).integers(0, 1000, (1, 6)).astype(np.int64)
+    _compare_run(graphs_a, stage, op, ids, np.ones((1, 6), np.int64))
+
+
+@pytest.mark.parametrize("op", [MHA, GQA])
+def test_logits_match_left_padded_batch(graphs_a, op):
+    ids = np.random.default_rng(2).integers(0, 1000, (2, 7)).astype(np.int64)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :4] = 0
+    _compare_run(graphs_a, "optimized", op, ids, mask)
+
+
+def test_shape_b_left_padded_batch_and_single_token_prompt(graphs_b):
+    g = graphs_b
+    ids = np.random.default_rng(3).integers(0, 1000, (3, 5)).astype(np.int64)
+    mask = np.ones((3, 5), np.int64)
+    mask[0, :2] = 0
+    mask[2, :4] = 0
+    _compare_run(g, "optimized", MHA, ids, mask, steps=2, chunk=2)
+    one = np.array([[42]], np.int64)  # past 0, one token
+    _compare_run(g, "raw", MHA, one, np.ones((1, 1), np.int64), steps=1, chunk=2)
+
+
+def _greedy(g: Graphs, sess, ids, mask, n):
+    past = g.empty_past(ids.shape[0])
+    out = []
+    for _ in range(n):
+        logits, past = g.step(sess, ids, mask, past)
+        ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
+        out.append(ids[:, 0])
+    return np.stack(out, 1)
+
+
+def test_greedy_tokens_equal(graphs_a):
+    g = graphs_a
+    ids = np.random.default_rng(4).integers(0, 1000, (2, 5)).astype(np.int64)
+    mask = np.ones((2, 5), np.int64)
+    mask[0, :2] = 0
+    ref = _greedy(g, g.session("optimized", None), ids, mask, 10)
+    assert np.array_equal(ref, _greedy(g, g.session("optimized", MHA), ids, mask, 10))
+
+
+def test_runtime_runs_fused_graph_unchanged(graphs_a, package_copy):
+    """The package runtime drives the fused graph through the unchanged I/O contract."""
+    from gpt2deploy.package import Package
+    from gpt2deploy.runtime.session import DecoderSession
+
+    fused, _ = graphs_a.fused("optimized")
+    ref_sess = DecoderSession(Package.open(package_copy), "fp32", "cpu", threads=1)
+    onnx.save(fused, str(package_copy / "onnx" / "model.onnx"))
+    sess = DecoderSession(Package.open(package_copy), "fp32", "cpu", threads=1)
+    ids = np.array([[5, 6, 7, 8], [0, 0, 9, 10]], np.int64)
+    mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], np.int64)
+    la, pa = ref_sess.forward(ids, mask)
+    lb, pb = sess.forward(ids, mask)
+    assert np.abs(la[mask.astype(bool)] - lb[mask.astype(bool)]).max() <= TOL
+    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    la, _ = ref_sess.forward(ids[:, -1:], mask, past=pa)
+    lb, _ = sess.forward(ids[:, -1:], mask, past=pb)
+    assert np.abs(la - lb).max() <= TOL
+
+
+# ------------------------------------------------------------------------------------ partial / no match
+
+
+def test_unmatched_layer_left_whole(graphs_a):
+    """A layer whose attention probabilities are also a graph output is not fused; the others are."""
+    g = graphs_a
+    model = onnx.ModelProto()
+    model.CopyFrom(g.optimized)
+    sm = next(n for n in model.graph.node if n.op_type == "Softmax")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(sm.output[0], onnx.TensorProto.FLOAT, None))
+    fused, report = fuse_attention(model, g.n_head, g.hidden)
+    assert report["fused"] == g.n_layer - 1 and len(report["unmatched"]) == 1
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["Softmax"] == 1 and ops["MultiHeadAttention"] == g.n_layer - 1
+    ids = np.array([[3, 4, 5]], np.int64)
+    mask = np.ones((1, 3), np.int64)
+    a = _session(model).run(None, _feed(g, ids, mask))
+    b = _session(fused).run(None, _feed(g, ids, mask))
+    assert np.abs(a[0] - b[0]).max() <= TOL
+    assert np.abs(a[-1] - b[-1]).max() <= TOL  # the exposed probabilities are still computed
+
+
+def _feed(g: Graphs, ids, mask):
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": (np.cumsum(mask, 1) - 1)[:, -ids.shape[1]:]}
+    for i, p in enumerate(g.empty_past(ids.shape[0])):
+        feed[f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}"] = p
+    return feed
+
+
+def test_no_match_returns_model_unchanged(graphs_a):
+    g = graphs_a
+    # wrong head count: the head split does not match, nothing is rewritten
+    model, report = fuse_attention(g.optimized, 2, g.hidden)
+    assert model is g.optimized and report["fused"] == 0 and len(report["unmatched"]) == g.n_layer
+    # a graph without attention at all
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])
+    plain = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    out, report = fuse_attention(plain, 4, 64)
+    assert out is plain and report["fused"] == 0 and report["softmax"] == 0
+
+
+def test_bad_arguments(graphs_a):
+    with pytest.raises(QuantError, match="multiple of num_heads"):
+        fuse_attention(graphs_a.optimized, 5, 64)
+    with pytest.raises(QuantError, match="unknown attention op"):
+        fuse_attention(graphs_a.optimized, 4, 64, op="FlashAttention")
+
+
+# ------------------------------------------------------------------------------------ trained model
+
+
+@requires_gpt2_ref
+def test_gpt2_ref_real_text(tmp_path):
+    """A trained model on real text: left-padded batch, decode steps, greedy continuation identical."""
+    from tokenizers import Tokenizer
+    from transformers import GPT2LMHeadModel
+
+    from exporters.onnx_export import export_onnx
+
+    model = GPT2LMHeadModel.from_pretrained(str(GPT2_REF)).eval()
+    export_onnx(model, tmp_path / "model.onnx")
+    c = model.config
+    g = Graphs(onnx.load(str(tmp_path / "model.onnx")), c.n_layer, c.n_head, c.n_embd)
+    tok = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    text = EVAL_TEXT.read_text(encoding="utf-8") if EVAL_TEXT.is_file() else "def main():\n    return 0\n" * 20
+    a, b = tok.encode(text[:600]).ids[:48], tok.encode(text[600:1200]).ids[:30]
+    ids = np.zeros((2, 48), np.int64)
+    mask = np.zeros((2, 48), np.int64)
+    ids[0], mask[0] = a, 1
+    ids[1, 48 - len(b):], mask[1, 48 - len(b):] = b, 1
+    _compare_run(g, "optimized", MHA, ids, mask, steps=4, chunk=4)
+    ref = _greedy(g, g.session("optimized", None), ids, mask, 16)
+    assert np.array_equal(ref, _greedy(g, g.session("optimized", MHA), ids, mask, 16))
+    assert g.fused("optimized")[1]["fused"] == c.n_layer
