@@ -7,6 +7,7 @@ from . import build, package  # noqa: F401
 from . import bench  # noqa: F401
 from . import check  # noqa: F401
 from . import quantize  # noqa: F401
+from . import run  # noqa: F401
 
 
 def main() -> None:

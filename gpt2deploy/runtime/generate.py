@@ -1,0 +1,176 @@
+"""The generation loop over token ids: one prefill, then one token per step until every row is done.
+
+Rows of a batch are left-padded; position ids come from the attention mask, so each row computes what it
+would compute alone. Rows finish independently (EOS, a stop string seen by the caller, or the token budget);
+finished rows keep a slot in the batch but their tokens are ignored.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import GenerationError
+from .kvcache import KVStepper
+from .options import GenerationOptions
+from .sampling import choose
+from .session import DecoderSession
+
+
+@dataclass
+class GenerationResult:
+    """Token ids (and text, when generated from text) per row, with finish reasons and timings."""
+
+    tokens: list[list[int]]
+    prompt_tokens: list[int]
+    finish_reasons: list[str]
+    timings: dict
+    texts: list[str] | None = None
+    truncated: list[int] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return [len(t) for t in self.tokens]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def fit_context(rows: list[list[int]], opts: GenerationOptions, n_positions: int) -> tuple[list[list[int]], list[int]]:
+    """Check prompt + max_new_tokens against the context; left-truncate only when ``opts.truncate``."""
+    if not rows:
+        raise GenerationError("no prompts given; pass at least one prompt")
+    for i, r in enumerate(rows):
+        if len(r) == 0:
+            which = "the prompt" if len(rows) == 1 else f"prompt {i}"
+            raise GenerationError(f"{which} is empty; pass at least one token of text")
+    if opts.max_new_tokens >= n_positions:
+        raise GenerationError(
+            f"max_new_tokens {opts.max_new_tokens} leaves no room for a prompt in the model's context of {n_positions} tokens; "
+            f"pass max_new_tokens <= {n_positions - 1}"
+        )
+    budget = n_positions - opts.max_new_tokens
+    dropped = [max(0, len(r) - budget) for r in rows]
+    worst = max(range(len(rows)), key=lambda i: len(rows[i]))
+    if dropped[worst]:
+        if not opts.truncate:
+            n = len(rows[worst])
+            raise GenerationError(
+                f"prompt of {n} tokens + max_new_tokens {opts.max_new_tokens} exceeds the model's context of {n_positions} tokens; "
+                f"shorten the prompt, lower max_new_tokens, or allow left-truncation (--truncate / truncate=True)"
+            )
+        rows = [r[d:] for r, d in zip(rows, dropped)]
+    return rows, dropped
+
+
+class Generation:
+    """Iterate to advance: each step yields the new token per row (int64 [batch]) and which rows took one.
+
+    The caller may ``finish(row, reason)`` between steps (stop strings); ``result()`` when iteration ends.
+    """
+
+    def __init__(self, dec: DecoderSession, rows: list[list[int]], opts: GenerationOptions):
+        for r in rows:
+            bad = [t for t in r if not 0 <= t < dec.dims.vocab_size]
+            if bad:
+                raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{dec.dims.vocab_size - 1})")
+        self.dec = dec
+        self.opts = opts
+        self.rows, self.dropped = fit_context(rows, opts, dec.dims.n_positions)
+        self.batch = len(self.rows)
+        self.tokens: list[list[int]] = [[] for _ in range(self.batch)]
+        self.reasons: list[str | None] = [None] * self.batch
+        self.active = np.ones(self.batch, dtype=bool)
+        self.timings: dict = {}
+        self.capacity = max(len(r) for r in self.rows) + opts.max_new_tokens
+        self.stepper: KVStepper | None = None  # the caller may lend one with buffers to reuse
+
+    def finish(self, row: int, reason: str) -> None:
+        if self.active[row]:
+            self.active[row] = False
+            self.reasons[row] = reason
+
+    def __iter__(self):
+        o = self.opts
+        ids, mask = left_pad(self.rows, o.pad_token_id)
+        width = ids.shape[1]
+        t0 = time.perf_counter()
+        stepper = self.stepper or KVStepper(self.dec, self.batch, self.capacity)
+        t_alloc = time.perf_counter()
+        logits = stepper.prefill(ids, mask)
+        rng = np.random.default_rng(o.seed) if o.do_sample else None
+        seen = None
+        if o.repetition_penalty != 1.0:
+            seen = np.zeros((self.batch, self.dec.dims.vocab_size), dtype=bool)
+            for r, row in enumerate(self.rows):
+                seen[r, row] = True
+        eos = np.array(o.eos_ids, dtype=np.int64)
+        pad = np.int64(o.pad_token_id)
+        steps = 0
+        paused = 0.0  # time the caller spent between steps (decoding text, printing): not generation time
+        t_prefill = t_first = None
+        for produced in range(o.max_new_tokens):
+            nxt = choose(logits, o, rng, seen)
+            nxt[~self.active] = pad
+            took = self.active.copy()
+            for r in np.flatnonzero(took):
+                self.tokens[r].append(int(nxt[r]))
+            if seen is not None:
+                rows_took = np.flatnonzero(took)
+                seen[rows_took, nxt[rows_took]] = True
+            if eos.size:
+                for r in np.flatnonzero(took & np.isin(nxt, eos)):
+                    self.finish(int(r), "eos")
+            if produced + 1 == o.max_new_tokens:
+                for r in np.flatnonzero(self.active):
+                    self.finish(int(r), "length")
+            if t_prefill is None:
+                t_prefill = time.perf_counter()
+            t_yield = time.perf_counter()
+            yield nxt, took
+            if t_first is None:
+                t_first = time.perf_counter()
+            else:
+                paused += time.perf_counter() - t_yield
+            if not self.active.any():
+                break
+            logits = stepper.step(nxt)
+            steps += 1
+        t_end = time.perf_counter()
+        decode_s = max(0.0, t_end - t_first - paused) if steps else 0.0
+        self.timings = {
+            "setup_seconds": t_alloc - t0,
+            "prefill_seconds": t_prefill - t_alloc,
+            "decode_seconds": decode_s,
+            "decode_steps": steps,
+            "decode_run_seconds": stepper.run_seconds,
+            "prompt_tokens": int(mask.sum()),
+            "new_tokens": sum(len(t) for t in self.tokens),
+            "batch": self.batch,
+            "decode_tokens_per_second": (steps * self.batch / decode_s) if decode_s > 0 else None,
+            "overhead_ms_per_step": ((decode_s - stepper.run_seconds) / steps * 1e3) if steps else None,
+        }
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            tokens=self.tokens,
+            prompt_tokens=[len(r) for r in self.rows],
+            finish_reasons=[r or "length" for r in self.reasons],
+            timings=self.timings,
+            truncated=self.dropped,
+        )
+
+
+def generate_ids(dec: DecoderSession, rows: list[list[int]], opts: GenerationOptions) -> GenerationResult:
+    gen = Generation(dec, rows, opts)
+    for _ in gen:
+        pass
+    return gen.result()

@@ -1,0 +1,146 @@
+"""The decode loop's memory: a KV cache that never leaves ONNX Runtime's reach, fed through IO binding.
+
+Two preallocated buffers per cache tensor (``present`` of step t is written into one, read back as
+``past`` of step t+1 while the next ``present`` goes into the other), sized for the whole generation.
+Every step binds pointers into them; no numpy copy of the cache, no allocation, no re-run of the prompt.
+A tensor [batch, heads, n, head_dim] is the first batch*heads*n*head_dim elements of its buffer, so a
+growing cache is always contiguous. On CUDA the buffers are device memory (OrtValues on 'cuda') and
+only ids, mask and positions cross to the device each step; logits come back to host memory for sampling.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .session import DecoderSession, positions_from_mask
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class _Buffer:
+    """A flat allocation on the session's device; ``ptr`` is its address."""
+
+    def __init__(self, n: int, dtype, device: str, device_id: int = 0):
+        if device == "cuda":
+            import onnxruntime as ort
+
+            self.value = ort.OrtValue.ortvalue_from_shape_and_type([max(n, 1)], dtype, "cuda", device_id)
+            self.ptr = self.value.data_ptr()
+        else:
+            self.value = np.empty(max(n, 1), dtype=dtype)
+            self.ptr = self.value.ctypes.data
+
+
+class KVStepper:
+    """``prefill(ids, mask) -> last logits``, then ``step(tokens) -> logits`` once per new token.
+
+    Logits returned by ``step`` are a view of a reused buffer: consume them before the next call.
+    """
+
+    def __init__(self, dec: DecoderSession, batch: int, capacity: int):
+        self.dec = dec
+        self.batch = batch
+        self.capacity = capacity
+        d = dec.dims
+        self.kv_shape = (batch, d.n_head, d.head_dim)
+        inputs = {i.name: i.type for i in dec.session.get_inputs()}
+        outputs = {o.name: o.type for o in dec.session.get_outputs()}
+        self.kv_dtype = _DTYPES.get(inputs[dec.past_names[0]], np.float32)
+        self.logits_dtype = _DTYPES.get(outputs["logits"], np.float32)
+        self.device = dec.device
+        self.device_id = 0
+        per = batch * d.n_head * capacity * d.head_dim
+        self.sets = [[_Buffer(per, self.kv_dtype, self.device) for _ in dec.past_names] for _ in range(2)]
+        self.ptrs = [[b.ptr for b in s] for s in self.sets]
+        self.logits = np.empty((batch, 1, d.vocab_size), dtype=self.logits_dtype)
+        self.mask = np.ones((batch, capacity), dtype=np.int64)
+        self.ids = np.zeros((batch, 1), dtype=np.int64)
+        self.pos = np.zeros((batch, 1), dtype=np.int64)
+        self.io = dec.session.io_binding()
+        self.length = 0
+        self.cur = 0
+        self.run_seconds = 0.0  # time spent inside session.run for decode steps
+        self._past = list(zip(dec.past_names, range(len(dec.past_names))))
+        self._present = list(zip(dec.present_names, range(len(dec.present_names))))
+
+    # -- binding helpers ------------------------------------------------------------------
+    def _bind_host(self, name: str, arr: np.ndarray) -> None:
+        self.io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+    def _bind_cache(self, length: int) -> None:
+        """past <- set[cur][:length], present -> set[1 - cur][:length + new]."""
+        b, h, d = self.kv_shape
+        past_shape = [b, h, length, d]
+        src, dst = self.ptrs[self.cur], self.ptrs[1 - self.cur]
+        bind, dev, did, dt = self.io.bind_input, self.device, self.device_id, self.kv_dtype
+        for name, i in self._past:
+            bind(name, dev, did, dt, past_shape, src[i])
+        return dst
+
+    def _bind_present(self, dst, total: int) -> None:
+        b, h, d = self.kv_shape
+        shape = [b, h, total, d]
+        bind, dev, did, dt = self.io.bind_output, self.device, self.device_id, self.kv_dtype
+        for name, i in self._present:
+            bind(name, dev, did, dt, shape, dst[i])
+
+    # -- steps ----------------------------------------------------------------------------
+    def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Run the whole (left-padded) prompt once; returns the last position's logits [batch, vocab]."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        mask = np.ascontiguousarray(mask, dtype=np.int64)
+        batch, seq = ids.shape
+        if seq > self.capacity or batch != self.batch:
+            raise ValueError("prompt does not fit the cache this stepper was sized for")
+        self.mask[:, :seq] = mask
+        self.mask[:, seq:] = 1
+        pos = positions_from_mask(mask)
+        self.cur, self.length = 0, 0
+        self._keep = (ids, mask, pos)
+        self._bind_host("input_ids", ids)
+        self._bind_host("attention_mask", mask)
+        self._bind_host("position_ids", pos)
+        dst = self._bind_cache(0)
+        self._bind_present(dst, seq)
+        logits = np.empty((batch, seq, self.logits.shape[-1]), dtype=self.logits_dtype)
+        self.io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        self.dec.session.run_with_iobinding(self.io)
+        self.cur, self.length = 1, seq
+        self.pos[:, 0] = pos[:, -1]
+        self.io.bind_output("logits", "cpu", 0, self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+        self._bind_host("input_ids", self.ids)
+        self._bind_host("position_ids", self.pos)
+        return logits[:, -1, :].astype(np.float32, copy=True)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row; returns logits [batch, vocab] (a reused buffer)."""
+        n = self.length
+        if n >= self.capacity:
+            raise ValueError("the KV cache is full")
+        self.ids[:, 0] = tokens
+        self.pos += 1
+        mask = self.mask[:, : n + 1]
+        if self.batch > 1:
+            mask = np.ascontiguousarray(mask)
+        self._mask_ref = mask
+        self._bind_host("attention_mask", mask)
+        dst = self._bind_cache(n)
+        self._bind_present(dst, n + 1)
+        t = time.perf_counter()
+        self.dec.session.run_with_iobinding(self.io)
+        self.run_seconds += time.perf_counter() - t
+        self.cur ^= 1
+        self.length = n + 1
+        logits = self.logits[:, 0, :]
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def cache(self) -> list[np.ndarray]:
+        """The current cache as numpy arrays (a copy; for tests and inspection)."""
+        b, h, d = self.kv_shape
+        n = b * h * self.length * d
+        out = []
+        for buf in self.sets[self.cur]:
+            flat = buf.value.numpy() if self.device == "cuda" else buf.value
+            out.append(np.array(flat[:n]).reshape(b, h, self.length, d))
+        return out

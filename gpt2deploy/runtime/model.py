@@ -1,0 +1,274 @@
+"""``gpt2deploy.load(path)``: a package on a device, ready to generate text or token ids.
+
+Only onnxruntime, numpy and tokenizers are imported here (never torch, transformers or onnx).
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import PackageError, UsageError, VariantError
+from ..package import Package
+from .generate import Generation, GenerationResult
+from .kvcache import KVStepper
+from .options import GenerationOptions, build_options
+from .providers import resolve_device
+from .select import gate_failed, select_variant
+from .session import DecoderSession
+from .textstream import IncrementalText, StopMatcher, TokenBytes
+
+
+class PerformanceWarning(UserWarning):
+    """The requested configuration works but is known to be slow."""
+
+
+class AccuracyWarning(UserWarning):
+    """The requested variant failed its accuracy gate."""
+
+
+def load(path, variant: str | None = None, device: str = "auto", threads: int | None = None, verify: bool = True) -> "Model":
+    """Open the package at ``path`` and load one variant into ONNX Runtime.
+
+    ``variant=None`` picks one for the device (see ``select_variant``); ``device`` is 'auto', 'cpu' or 'cuda';
+    ``threads`` sets ONNX Runtime's intra-op threads; ``verify`` checks the sha256 of the shared files and of
+    the chosen variant first and refuses to load on a mismatch (IntegrityError).
+    """
+    pkg = Package.open(path)
+    dev = resolve_device(device)
+    notes: list[str] = []
+    if variant is None:
+        name, reason = select_variant(pkg.manifest, dev)
+    else:
+        entry = pkg.variant(variant)
+        name, reason = variant, "requested"
+        if dev == "cpu" and name == "fp16":
+            notes.append("fp16 runs slower than fp32 on the CPU execution provider; it is meant for CUDA")
+            warnings.warn(notes[-1], PerformanceWarning, stacklevel=2)
+        if gate_failed(entry):
+            notes.append(f"variant {name} failed its accuracy gate (see 'gpt2deploy inspect'); its output may differ from fp32")
+            warnings.warn(notes[-1], AccuracyWarning, stacklevel=2)
+    if verify:
+        pkg.check_integrity([name])
+    if not pkg.tokenizer_path.is_file():
+        raise PackageError(f"package {pkg.root} has no tokenizer.json; rebuild it with 'gpt2deploy export' or 'build'")
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(pkg.tokenizer_path))
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise PackageError(f"{pkg.tokenizer_path} cannot be read ({str(e).splitlines()[0][:120]}); rebuild the package") from None
+    if not pkg.variant_path(name).is_file():
+        raise VariantError(f"variant {name}'s graph {pkg.variant(name)['file']} is missing from {pkg.root}; rebuild the package")
+    try:
+        session = DecoderSession(pkg, name, dev, threads)
+    except UsageError:
+        raise
+    except Exception as e:  # onnxruntime's own exception types (invalid graph, provider failure)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PackageError(
+            f"ONNX Runtime cannot load variant {name} ({pkg.variant(name)['file']}): {first}; run 'gpt2deploy verify' or rebuild the package"
+        ) from None
+    return Model(pkg, session, tokenizer, reason, notes)
+
+
+class Model:
+    """A loaded variant: ``generate``, ``stream``, ``generate_ids``; ``.variant``, ``.device``, ``.selection_reason``."""
+
+    def __init__(self, package: Package, session: DecoderSession, tokenizer, selection_reason: str, notes: list[str]):
+        self.package = package
+        self.session = session
+        self.tokenizer = tokenizer
+        self.variant = session.variant
+        self.device = session.device
+        self.dims = package.dims
+        self.selection_reason = selection_reason
+        self.notes = notes
+        self.token_bytes = TokenBytes(tokenizer)
+        self._pool: list[KVStepper] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<gpt2deploy.Model {self.package.root.name} variant={self.variant} device={self.device}>"
+
+    # -- text <-> ids -----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise UsageError(f"a prompt must be a string (got {type(text).__name__})")
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        from .textstream import decode
+
+        return decode(self.token_bytes, [int(i) for i in ids])
+
+    def options(self, **opts) -> GenerationOptions:
+        """The effective options: the package's generation defaults overridden by ``opts`` (validated)."""
+        defaults = self.package.generation_defaults
+        defaults.setdefault("eos_token_id", self.dims.eos_token_id)
+        return build_options(defaults, opts)
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(self, prompt_or_prompts: str | Sequence[str], **opts) -> str | list[str]:
+        """Continue one prompt (returns a str) or a batch of prompts (returns a list of str).
+
+        Options: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, stop, seed,
+        ignore_eos, eos_token_id, truncate. Greedy unless do_sample=True. The prompt is not repeated.
+        """
+        single = isinstance(prompt_or_prompts, str)
+        result = self.generate_result(prompt_or_prompts, **opts)
+        return result.texts[0] if single else result.texts
+
+    def generate_result(self, prompt_or_prompts: str | Sequence[str], **opts) -> GenerationResult:
+        """Like ``generate`` but returns the full result: texts, token ids, finish reasons, timings."""
+        prompts = [prompt_or_prompts] if isinstance(prompt_or_prompts, str) else list(prompt_or_prompts)
+        if not prompts:
+            raise UsageError("no prompts given; pass a string or a non-empty list of strings")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise UsageError(f"prompts must be strings (got {type(p).__name__}); use generate_ids for token ids")
+        o = self.options(**opts)
+        gen = self._generation([self.encode(p) for p in prompts], o)
+        texts = _TextRows(self, gen, o)
+        with self._stepper_for(gen) as stepper:
+            gen.stepper = stepper
+            for nxt, took in gen:
+                texts.update(nxt, took)
+        result = gen.result()
+        result.texts = texts.finish()
+        return result
+
+    def stream(self, prompt: str, **opts) -> "TextStream":
+        """Yield text pieces as they are decoded; whole characters only. ``.result`` is set at the end."""
+        if not isinstance(prompt, str):
+            raise UsageError(f"stream takes one prompt string (got {type(prompt).__name__}); use generate for a batch")
+        o = self.options(**opts)
+        gen = self._generation([self.encode(prompt)], o)
+        return TextStream(self, gen, o)
+
+    def generate_ids(self, ids_list, **opts) -> GenerationResult:
+        """Token ids in (a list of rows, or one row), token ids out, with timings; for checks and benchmarks."""
+        rows = _as_rows(ids_list)
+        o = self.options(**opts)
+        if o.stop:
+            raise UsageError("stop strings apply to text; use generate or stream (or eos_token_id for token ids)")
+        gen = self._generation(rows, o)
+        with self._stepper_for(gen) as stepper:
+            gen.stepper = stepper
+            for _ in gen:
+                pass
+        return gen.result()
+
+    # -- internals --------------------------------------------------------------------------
+    def _generation(self, rows: list[list[int]], o: GenerationOptions) -> Generation:
+        return Generation(self.session, rows, o)
+
+    def _stepper_for(self, gen: Generation) -> "_Lease":
+        return _Lease(self, gen.batch, gen.capacity)
+
+
+class _Lease:
+    """Borrow a KV stepper sized for (batch, capacity) from the model's pool; return it afterwards.
+
+    Reusing buffers avoids faulting in fresh cache pages on every call; concurrent calls each get their own.
+    """
+
+    def __init__(self, model: Model, batch: int, capacity: int):
+        self.model, self.batch, self.capacity = model, batch, capacity
+        self.stepper: KVStepper | None = None
+
+    def __enter__(self) -> KVStepper:
+        m = self.model
+        with m._lock:
+            for i, s in enumerate(m._pool):
+                if s.batch == self.batch and s.capacity >= self.capacity:
+                    self.stepper = m._pool.pop(i)
+                    break
+        if self.stepper is None:
+            self.stepper = KVStepper(m.session, self.batch, self.capacity)
+        self.stepper.run_seconds = 0.0
+        return self.stepper
+
+    def __exit__(self, *exc) -> None:
+        m = self.model
+        with m._lock:
+            m._pool = [self.stepper, *[s for s in m._pool if s.batch != self.batch]][:2]
+
+
+class _TextRows:
+    """Per-row incremental detokenizer and stop matcher, driven by the generation loop."""
+
+    def __init__(self, model: Model, gen: Generation, o: GenerationOptions):
+        self.gen = gen
+        self.eos = set(o.eos_ids)
+        self.decoders = [IncrementalText(model.token_bytes) for _ in range(gen.batch)]
+        self.stops = [StopMatcher(o.stop) for _ in range(gen.batch)]
+        self.parts: list[list[str]] = [[] for _ in range(gen.batch)]
+        self.closed = [False] * gen.batch
+
+    def update(self, nxt: np.ndarray, took: np.ndarray) -> list[str]:
+        """Consume one step; returns the new text per row ("" when nothing is ready)."""
+        out = [""] * self.gen.batch
+        for r in np.flatnonzero(took):
+            r = int(r)
+            tok = int(nxt[r])
+            piece = "" if tok in self.eos else self.decoders[r].feed(tok)
+            if not self.gen.active[r]:  # the row just finished: flush what is held back
+                piece += self.decoders[r].flush()
+            text, stopped = self.stops[r].feed(piece)
+            if stopped:
+                self.gen.finish(r, "stop")
+            if not self.gen.active[r] and not self.closed[r]:
+                text += self.stops[r].flush()
+                self.closed[r] = True
+            if text:
+                self.parts[r].append(text)
+                out[r] = text
+        return out
+
+    def finish(self) -> list[str]:
+        return ["".join(p) for p in self.parts]
+
+
+class TextStream:
+    """Iterating yields text pieces; afterwards ``.result`` holds the GenerationResult (with ``texts``)."""
+
+    def __init__(self, model: Model, gen: Generation, o: GenerationOptions):
+        self.model, self.gen, self.opts = model, gen, o
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        gen = self.gen
+        texts = _TextRows(self.model, gen, self.opts)
+        with self.model._stepper_for(gen) as stepper:
+            gen.stepper = stepper
+            for nxt, took in gen:
+                piece = texts.update(nxt, took)[0]
+                if piece:
+                    yield piece
+        self.result = gen.result()
+        self.result.texts = texts.finish()
+
+    @property
+    def text(self) -> str | None:
+        return None if self.result is None else self.result.texts[0]
+
+
+def _as_rows(ids_list) -> list[list[int]]:
+    if isinstance(ids_list, np.ndarray):
+        ids_list = ids_list.tolist()
+    if not isinstance(ids_list, (list, tuple)) or not ids_list:
+        raise UsageError("generate_ids takes a non-empty list of token id lists")
+    if all(isinstance(t, (int, np.integer)) for t in ids_list):
+        ids_list = [ids_list]
+    rows = []
+    for r in ids_list:
+        if isinstance(r, np.ndarray):
+            r = r.tolist()
+        if not isinstance(r, (list, tuple)) or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in r):
+            raise UsageError("generate_ids takes a list of lists of int token ids")
+        rows.append([int(t) for t in r])
+    return rows
