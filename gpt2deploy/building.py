@@ -98,8 +98,17 @@ def _quantize(path: Path, mode: str, progress: Progress) -> dict:
 def _check(path: Path, variants: list[str], text, thresholds, max_tokens, progress: Progress) -> dict:
     from .checking import check_package
 
+    shown = set()
+
+    def on_step(done: int, total: int, label: str) -> None:  # a line per quarter, not per window
+        quarter = 4 * done // max(total, 1)
+        if quarter not in shown and 0 < done < total:
+            shown.add(quarter)
+            progress(f"{100 * done // total}% ({label})")
+
     return check_package(
-        path, variants=variants, reference=REFERENCE, text=text, max_tokens=max_tokens, thresholds=thresholds, progress=progress, record=True
+        path, variants=variants, reference=REFERENCE, text=text, max_tokens=max_tokens, thresholds=thresholds, progress=progress,
+        record=True, on_step=on_step,
     )
 
 
