@@ -111,6 +111,19 @@ class PeakRss:
         self.stop()
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so the next peak starts clean."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def gpu_memory(device: str) -> dict | None:
     """GPU memory used by this process on CUDA, via NVML (``pip install nvidia-ml-py``).
 

@@ -1,7 +1,6 @@
 """Benchmark the variants of one package: load each, warm up, time repeated runs, then the long-context curve."""
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import time
@@ -10,7 +9,7 @@ from ..package import Package
 from ..runtime.providers import resolve_device
 from .longctx import measure_curve
 from .measure import measure_runs
-from .memory import MB, PeakRss, current_rss, gpu_memory
+from .memory import MB, PeakRss, current_rss, gpu_memory, release_freed_memory
 from .workload import BenchConfig, synthetic_prompts
 
 
@@ -64,7 +63,7 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
     for name, why in skipped.items():
         say(f"[bench] {name}: skipped ({why}; pass --variant {name} to measure it anyway)")
     for requested in names:
-        gc.collect()
+        release_freed_memory()  # what the previous variant freed must not count in this one's peak
         tracker = PeakRss().start()
         t0 = time.perf_counter()
         model = gpt2deploy.load(package.root, variant=requested, device=device, threads=config.threads, verify=config.verify)
