@@ -74,7 +74,8 @@ def check_package(
         raise UsageError(f"--max-tokens must be a positive integer (got {max_tokens})")
     if record and not os.access(pkg.root, os.W_OK):
         raise UsageError(f"package {pkg.root} is not writable, so the result cannot be recorded; pass --no-record")
-    pkg.check_integrity(variants=names)
+    in_package_ref = [str(reference)] if str(reference) in pkg.variants and str(reference) not in names else []
+    pkg.check_integrity(variants=[*names, *in_package_ref])
 
     raw, source = evaltext.default_text() if text is None else evaltext.read_text(text)
     ev = evaltext.tokenize(raw, source, pkg.tokenizer_path, pkg.dims.n_positions, max_tokens)
@@ -95,36 +96,35 @@ def check_package(
     done = 0
 
     def step(label: str) -> None:
+        """Report the unit about to run (``done`` units finished so far)."""
         nonlocal done
-        done += 1
         if on_step:
             on_step(done, total, label)
+        done += 1
 
-    if on_step:
-        on_step(0, total, "windows")
     comparisons = {n: LogitComparison() for n in names}
-    for w in ev.windows:
+    for i, w in enumerate(ev.windows):
+        step(f"window {i + 1}/{len(ev.windows)}")
         ref_logits = ref_model.forward(w[None])[0][0]
         ref_stats = ReferenceLogits.of(ref_logits)
         for n in names:
             logits = ref_logits if n in same_as_ref else models[n].forward(w[None])[0][0]
             comparisons[n].add(ref_stats, logits, w[1:])
-        step("windows")
 
     prompts, new_tokens = ev.greedy_prompts(pkg.dims.n_positions)
-    ref_greedy = probes.greedy(ref_model, prompts, new_tokens)
     step("greedy (reference)")
+    ref_greedy = probes.greedy(ref_model, prompts, new_tokens)
     pad_id = pkg.dims.eos_token_id if pkg.dims.eos_token_id is not None else 0
     results = {}
     for n in names:
         model = models[n]
         counter = probes.Counter()
-        var_greedy = ref_greedy if n in same_as_ref else probes.greedy(model, prompts, new_tokens, counter)
         step(f"greedy ({n})")
-        cache_diff = probes.cache_vs_recompute(model, probes.cache_tokens(ev.stream, window), counter)
+        var_greedy = ref_greedy if n in same_as_ref else probes.greedy(model, prompts, new_tokens, counter)
         step(f"cache ({n})")
-        batch_diff = probes.batch_vs_single(model, probes.batch_rows(ev.stream, window), pad_id, counter)
+        cache_diff = probes.cache_vs_recompute(model, probes.cache_tokens(ev.stream, window), counter)
         step(f"batch ({n})")
+        batch_diff = probes.batch_vs_single(model, probes.batch_rows(ev.stream, window), pad_id, counter)
         matched = greedy_prefix_match(ref_greedy, var_greedy)
         metrics = comparisons[n].summary()
         metrics.update(
@@ -152,6 +152,8 @@ def check_package(
         "passed": all(r["passed"] for r in results.values()),
         "variants": results,
     }
+    if on_step:
+        on_step(total, total, "done")
     report = sanitize(report)
     if record:
         _record(pkg, report)
@@ -185,6 +187,8 @@ def _judge(pkg: Package, name: str, metrics: dict, overrides: dict, tol_override
     thresholds, used = gates.defaults_for(precision)
     thresholds.update(overrides)
     failures = gates.evaluate(metrics, thresholds)
+    if metrics.get("ref_nonfinite"):
+        failures.append(f"the reference produced {metrics['ref_nonfinite']} NaN/Inf logits; its numbers cannot vouch for this variant")
     notes = []
     if used != precision:
         notes.append(f"precision '{precision}' has no default gates; using the {used} ones")

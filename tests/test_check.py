@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import GPT2_REF, requires_gpt2_ref
+from gpt2deploy.accuracy.gates import DEFAULTS
 from gpt2deploy.checking import check_package, model_identity
 from gpt2deploy.package import Package
 
@@ -106,8 +108,8 @@ def test_damaged_variant_fails_with_exit_1(damaged_copy, cli, tmp_path):
     assert list(report["variants"]) == ["int8"] and report["passed"] is False  # fp32 is the reference
     v = report["variants"]["int8"]
     assert not v["passed"] and any(f.startswith("top1 ") for f in v["failures"])
-    assert v["thresholds"]["top1"] == 0.9 and v["precision"] == "int8"
-    assert v["metrics"]["kl_mean"] > 0 and v["metrics"]["top1"] < 0.9
+    assert v["thresholds"] == DEFAULTS["int8"] and v["precision"] == "int8"
+    assert v["metrics"]["kl_mean"] > 0 and v["metrics"]["top1"] < DEFAULTS["int8"]["top1"]
     acc = Package.open(damaged_copy).variant("int8")["accuracy"]
     assert acc["passed"] is False and set(acc) == ACCURACY_KEYS
 
@@ -225,3 +227,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, needle, bad_input
 def test_bad_package_path(tmp_path, cli):
     r = cli("check", tmp_path / "nope")
     assert r.exit_code == 2 and "does not exist" in _error_line(r)
+
+
+# -- a real trained model --------------------------------------------------------------------------
+
+@requires_gpt2_ref
+@pytest.mark.slow
+def test_gpt2_ref_int8_passes_default_gates(tmp_path, cli):
+    """Export the trained reference model, quantize it to int8 and check it under the default int8 gates."""
+    from gpt2deploy.exporting import export_package
+    from gpt2deploy.quantizing import quantize_package
+
+    pkg = tmp_path / "ref-pkg"
+    export_package(str(GPT2_REF), pkg)
+    quantize_package(pkg, "int8")
+    out = tmp_path / "report.json"
+    r = cli("check", pkg, "--max-tokens", "512", "--json", out)
+    assert r.exit_code == 0, r.output
+    m = _strict_json(out)["variants"]["int8"]["metrics"]
+    # a trained model gives peaked distributions: the numbers mean something here
+    assert 20 < m["ppl_ref"] < 1000 and m["top1"] > 0.95 and m["kl_mean"] < 5e-3 and m["nonfinite"] == 0
+    acc = Package.open(pkg).variant("int8")["accuracy"]
+    assert acc["passed"] and acc["thresholds"]["kl_mean"] == _strict_json(out)["variants"]["int8"]["thresholds"]["kl_mean"]

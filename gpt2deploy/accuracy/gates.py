@@ -47,34 +47,46 @@ GATES: dict[str, Gate] = {
         Gate("ppl_delta", "max", "relative perplexity change |ppl / ppl_ref - 1|", 0.005, use_abs=True),
         Gate("top1", "min", "fraction of positions whose top-1 token equals the reference's", 0.005),
         Gate("top5", "min", "mean overlap of the top-5 token sets", 0.005),
-        Gate("kl_mean", "max", "mean KL(reference || variant) per position, nats", 0.002),
-        Gate("kl_p99", "max", "99th percentile of per-position KL, nats", 0.02),
-        Gate("logit_max", "max", "largest absolute logit difference", 0.5),
+        Gate("kl_mean", "max", "mean KL(reference || variant) per position, nats", 0.001),
+        Gate("kl_p99", "max", "99th percentile of per-position KL, nats", 0.005),
+        Gate("logit_max", "max", "largest absolute logit difference", 0.25),
         Gate("logit_p99", "max", "99th percentile of the per-position largest absolute logit difference", 0.1),
         Gate("nonfinite", "max", "NaN/Inf logits seen anywhere in the check", 0.0),
         Gate("greedy", "min", "mean fraction of greedy tokens matching the reference before the first divergence", 0.1),
-        Gate("cache_diff", "max", "largest |decode-step logits - full-recompute logits|", 0.05),
-        Gate("batch_diff", "max", "largest |left-padded batch logits - single-row logits| on real tokens", 0.05),
+        Gate("cache_diff", "max", "largest |decode-step logits - full-recompute logits|", 0.1),
+        Gate("batch_diff", "max", "largest |left-padded batch logits - single-row logits| on real tokens", 0.1),
     )
 }
 
-#: Default thresholds per precision (see the README's gates table for the measurements behind them).
+#: Default thresholds per precision. Measured on the trained reference GPT-2 (4 layers, 256 hidden), default text,
+#: four disjoint 4096-token slices, variants from ``gpt2deploy quantize`` (min..max over the slices):
+#:   fp32 vs PyTorch: KL mean 3e-9, |logit diff| max 3e-5, cache 9e-6, batch 0 (fp32 vs itself: all 0)
+#:   fp16: ppl |Δ| <= 0.005%, top-1 99.90-99.95%, KL mean 1e-6 (p99 3-4e-6), |logit| max 0.019-0.026,
+#:         greedy 100%, cache <= 0.0063, batch 0
+#:   int8: ppl |Δ| <= 0.03%, top-1 97.9-98.0%, top-5 97.9-98.2%, KL mean 6.8-7.2e-4 (p99 3.2-3.8e-3),
+#:         |logit| max 0.58-0.68 (p99 0.47-0.49), greedy 60-91%, cache 0.20-0.34, batch 0.40-0.48
+#:   int4: ppl +1.6-2.6%, top-1 89.8-90.3%, top-5 91.2-91.5%, KL mean 0.014-0.0154 (p99 0.060-0.074),
+#:         |logit| max 3.2-3.5 (p99 2.57-2.64), greedy 31-41%, cache <= 0.017, batch 0
+#: onnxruntime's plain quantize_dynamic (per-tensor, no graph fusion) on the same model: top-1 96.95%, KL mean 2.0e-3,
+#: greedy 45%. Thresholds leave 2-10x headroom over the measurements for models with larger logits
+#: (GPT-2-small...xl). One layer's MLP input weights scaled by 1.25 fail five int8 gates (KL mean 0.015, top-1
+#: 91.9%); scaled by 1.1 (KL mean 2.7e-3, like a plain quantize_dynamic) they pass.
 DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": {
         "ppl_delta": 1e-4, "top1": 0.999, "top5": 0.999, "kl_mean": 1e-6, "kl_p99": 1e-5,
-        "logit_max": 1e-3, "logit_p99": 1e-3, "nonfinite": 0, "greedy": 1.0, "cache_diff": 1e-3, "batch_diff": 1e-3,
+        "logit_max": 1e-3, "logit_p99": 5e-4, "nonfinite": 0, "greedy": 0.9, "cache_diff": 1e-3, "batch_diff": 1e-3,
     },
     "fp16": {
-        "ppl_delta": 0.002, "top1": 0.99, "top5": 0.98, "kl_mean": 1e-4, "kl_p99": 1e-3,
-        "logit_max": 0.25, "logit_p99": 0.1, "nonfinite": 0, "greedy": 0.9, "cache_diff": 0.1, "batch_diff": 0.1,
+        "ppl_delta": 1e-3, "top1": 0.995, "top5": 0.995, "kl_mean": 2e-5, "kl_p99": 1e-4,
+        "logit_max": 0.1, "logit_p99": 0.05, "nonfinite": 0, "greedy": 0.75, "cache_diff": 0.03, "batch_diff": 0.03,
     },
     "int8": {
-        "ppl_delta": 0.03, "top1": 0.9, "top5": 0.85, "kl_mean": 0.02, "kl_p99": 0.2,
-        "logit_max": 5.0, "logit_p99": 2.0, "nonfinite": 0, "greedy": 0.5, "cache_diff": 2.0, "batch_diff": 2.0,
+        "ppl_delta": 0.02, "top1": 0.94, "top5": 0.93, "kl_mean": 6e-3, "kl_p99": 0.03,
+        "logit_max": 2.0, "logit_p99": 1.5, "nonfinite": 0, "greedy": 0.25, "cache_diff": 1.0, "batch_diff": 1.5,
     },
     "int4": {
-        "ppl_delta": 0.1, "top1": 0.8, "top5": 0.75, "kl_mean": 0.08, "kl_p99": 0.8,
-        "logit_max": 10.0, "logit_p99": 4.0, "nonfinite": 0, "greedy": 0.3, "cache_diff": 2.0, "batch_diff": 2.0,
+        "ppl_delta": 0.06, "top1": 0.84, "top5": 0.85, "kl_mean": 0.04, "kl_p99": 0.2,
+        "logit_max": 6.0, "logit_p99": 5.0, "nonfinite": 0, "greedy": 0.1, "cache_diff": 1.0, "batch_diff": 1.5,
     },
 }
 #: Precisions without their own table use the loosest one.
