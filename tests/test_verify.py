@@ -70,6 +70,8 @@ def test_tampered_byte_fails_verify_and_load(built_copy, cli):
     with pytest.raises(IntegrityError, match="model_q4.onnx"):
         gpt2deploy.load(built_copy, variant="int4", device="cpu")
     assert gpt2deploy.load(built_copy, variant="int8", device="cpu").variant == "int8"
+    r = cli("run", built_copy, "--variant", "int4", "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", 2)
+    assert r.exit_code == 1 and "model_q4.onnx: sha256 differs" in r.stderr and "Traceback" not in r.output
 
 
 def test_tampered_tokenizer_and_missing_and_truncated(built_copy, cli):
