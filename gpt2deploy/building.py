@@ -82,6 +82,16 @@ def _validate_check_args(text, thresholds, max_tokens) -> str | None:
     return str(text)
 
 
+def _precheck_text(stage: Path, text: str, max_tokens: int | None) -> None:
+    """Tokenize --text with the package tokenizer now, so a too-short text fails before quantization."""
+    from .accuracy.evaltext import read_text, tokenize
+    from .package import Package
+
+    pkg = Package.open(stage)
+    raw, source = read_text(text)
+    tokenize(raw, source, pkg.tokenizer_path, pkg.dims.n_positions, max_tokens)
+
+
 # The stages are module functions so they can be replaced in tests (e.g. to interrupt a build).
 def _export(model: str, out: Path, progress: Progress, opset: int | None):
     from .exporting import export_package
@@ -143,6 +153,8 @@ def build_package(
         t0 = time.perf_counter()
         _export(str(model), stage, lambda m: progress(f"[export] {m}"), opset)
         seconds["export"] = time.perf_counter() - t0
+        if quantized and text is not None:
+            _precheck_text(stage, text, max_tokens)
         for i, mode in enumerate(quantized, 1):
             t0 = time.perf_counter()
             progress(f"[quantize {mode}] {i}/{len(quantized)}")

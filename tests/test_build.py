@@ -210,6 +210,19 @@ def test_empty_text_refused_before_export(tmp_path, tiny_checkpoint, no_export, 
     assert r.exit_code == 2 and "is empty" in r.stderr
 
 
+def test_short_text_refused_before_quantizing(tmp_path, fast_export, monkeypatch, cli):
+    def never(*a, **k):
+        raise AssertionError("quantization must not start")
+
+    monkeypatch.setattr(building, "_quantize", never)
+    (tmp_path / "short.txt").write_text("hello world")
+    out = tmp_path / "pkg"
+    r = cli("build", "ckpt", "-o", out, "--text", tmp_path / "short.txt")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.splitlines()[-1].startswith("error: the evaluation text") and "shorter than one window" in r.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["short.txt"]
+
+
 def test_parse_variants():
     assert building.parse_variants(None) == ("fp32", "int8", "int4")
     assert building.parse_variants("int4, fp32,int4") == ("fp32", "int4")
