@@ -103,9 +103,7 @@ class OptimumEngine(_HfGenerate):
         opts.inter_op_num_threads = 1
         cache = Path(spec["cache"])
         if not (cache / "config.json").is_file():
-            model = ORTModelForCausalLM.from_pretrained(spec["model"], export=True, use_cache=True)
-            model.save_pretrained(cache)
-            del model
+            self.prepare(spec)
         self.model = ORTModelForCausalLM.from_pretrained(
             cache, use_cache=True, session_options=opts, provider="CPUExecutionProvider"
         )
@@ -114,6 +112,23 @@ class OptimumEngine(_HfGenerate):
 
         self.name = f"optimum-onnx {version('optimum-onnx')} ORTModelForCausalLM"
         self.model_bytes = _bytes(cache, ["*.onnx", "*.onnx_data", "*.onnx.data"])
+
+
+    @staticmethod
+    def prepare(spec: dict) -> None:
+        """Export with Optimum's own exporter once (run in a process of its own so it is not in the peak RSS)."""
+        import shutil
+
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        cache = Path(spec["cache"])
+        if (cache / "config.json").is_file():
+            return
+        tmp = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = ORTModelForCausalLM.from_pretrained(spec["model"], export=True, use_cache=True)
+        model.save_pretrained(tmp)
+        tmp.rename(cache)
 
 
 class CTranslate2Engine:

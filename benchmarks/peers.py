@@ -30,11 +30,19 @@ class Peer:
         return not self.reason
 
     def start(self, log_dir: Path) -> None:
-        """Start the worker and wait until it has loaded the model and warmed up."""
+        """Run the engine's one-off preparation, then start the worker and wait until it has loaded and warmed up."""
         if not self.available:
             return
         spec_file = Path(tempfile.mkstemp(prefix=f"{self.key}-", suffix=".json", dir=log_dir)[1])
         spec_file.write_text(json.dumps(self.spec))
+        with open(log_dir / f"{self.key}-prepare.log", "w") as log:
+            done = subprocess.run([self.python, str(HERE / "worker.py"), str(spec_file), "--prepare"],
+                                  stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(HERE.parent))
+        msgs = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        if not msgs or msgs[-1].get("event") != "prepared":
+            reason = msgs[-1].get("error") if msgs else f"preparation exited with code {done.returncode}"
+            self.fail(f"not available: {reason} (see {log.name})")
+            return
         self.log = open(log_dir / f"{self.key}.log", "w")
         self.proc = subprocess.Popen(
             [self.python, str(HERE / "worker.py"), str(spec_file)],

@@ -1,6 +1,7 @@
 """One engine in its own process (so its memory is its own), driven over stdin/stdout with JSON lines.
 
     python worker.py SPEC.json        # {"engine", "model", "threads", "prompt", "new_tokens", "warmup", ...}
+    python worker.py SPEC.json --prepare   # one-off conversions the engine needs, then exit
 
 It loads the engine, warms up, prints {"event": "ready", ...}, then answers commands read from stdin:
 ``run`` (one timed generation), ``curve <json positions/steps/prompts>`` (decode speed after prompts of
@@ -60,8 +61,14 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from engines import ENGINES
 
+        cls = ENGINES[spec["engine"]]
+        if "--prepare" in sys.argv[2:]:
+            if hasattr(cls, "prepare"):
+                cls.prepare(spec)
+            send({"event": "prepared"})
+            return
         t0 = time.perf_counter()
-        engine = ENGINES[spec["engine"]](spec)
+        engine = cls(spec)
         load_s = time.perf_counter() - t0
         for _ in range(spec.get("warmup", 1)):
             timed(engine, spec["prompt"], spec["new_tokens"])
