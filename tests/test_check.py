@@ -114,8 +114,9 @@ def test_damaged_variant_fails_with_exit_1(damaged_copy, cli, tmp_path):
     assert acc["passed"] is False and set(acc) == ACCURACY_KEYS
 
 
-def test_all_checks_every_variant_and_thresholds_override(damaged_copy, cli):
-    r = cli("check", damaged_copy, *FAST, "--all", "--no-record", *LOOSE)
+@pytest.mark.parametrize("which", [["--all"], ["-v", "fp32,int8"]], ids=["all", "comma-list"])
+def test_all_checks_every_variant_and_thresholds_override(damaged_copy, cli, which):
+    r = cli("check", damaged_copy, *FAST, *which, "--no-record", *LOOSE)
     assert r.exit_code == 0, r.output
     assert "int8" in r.stdout and "fp32" in r.stdout
     assert "accuracy" not in Package.open(damaged_copy).variant("int8")  # --no-record

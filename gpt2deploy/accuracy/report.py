@@ -79,8 +79,7 @@ def format_table(report: dict) -> str:
     ]
     header = ["metric", *names]
     rows = [header]
-    ppl_ref = next(iter(variants.values()))["metrics"].get("ppl_ref") if variants else None
-    rows.append(["reference ppl", *[_fmt(variants[n]["metrics"].get("ppl_ref", ppl_ref), "num") for n in names]])
+    rows.append(["reference ppl", *[_fmt(variants[n]["metrics"].get("ppl_ref"), "num") for n in names]])
     for key, label, kind in ROWS:
         rows.append([label, *[_cell(variants[n]["metrics"], variants[n]["thresholds"], key, kind) for n in names]])
     rows.append(["result", *["PASS" if variants[n]["passed"] else "FAIL" for n in names]])

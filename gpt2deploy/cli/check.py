@@ -57,7 +57,7 @@ def _check_json_out(path: Path) -> Path:
 @command
 def check_cmd(
     package: Path = typer.Argument(..., help="Package directory."),
-    variant: Optional[List[str]] = typer.Option(None, "--variant", "-v", help="Variant to check (repeatable). Default: every variant except the reference (fp32 alone is checked against itself)."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", "-v", help="Variant to check (repeatable, or a comma list). Default: every variant except the reference (fp32 alone is checked against itself)."),
     all_variants: bool = typer.Option(False, "--all", help="Check every variant, the reference's included."),
     reference: str = typer.Option("fp32", "--reference", help="'fp32' (or another variant name), a package directory, or the Hugging Face checkpoint directory the package came from (runs PyTorch; needs the export extra)."),
     text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 evaluation text. Default: Python's pydoc_data topics prose (no download)."),
@@ -79,7 +79,7 @@ def check_cmd(
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be a positive integer (got {max_tokens})")
     out = _check_json_out(json_out) if json_out is not None else None
-    variants = variant or None
+    variants = [n.strip() for v in variant or () for n in v.split(",") if n.strip()] or None
     if all_variants:
         from ..package import Package
 
