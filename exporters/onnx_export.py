@@ -166,7 +166,7 @@ def export_onnx(model, onnx_path: str | Path, opset: int = DEFAULT_OPSET) -> dic
                     os.replace(cands[0], data)
         else:
             program.save(str(onnx_path))
-    _rename_dims_on_disk(onnx_path)
+    _finalize_on_disk(onnx_path)
     return {
         "inputs": input_names(n_layer),
         "outputs": output_names(n_layer),
@@ -176,17 +176,30 @@ def export_onnx(model, onnx_path: str | Path, opset: int = DEFAULT_OPSET) -> dic
     }
 
 
-def _rename_dims_on_disk(onnx_path: Path) -> None:
-    """Give the dynamic axes Optimum's names: the mask/present length is 'past_sequence_length + sequence_length'."""
+def _finalize_on_disk(onnx_path: Path) -> None:
+    """Give the dynamic axes Optimum's names and drop the exporter's debug metadata.
+
+    The mask/present length becomes 'past_sequence_length + sequence_length'. Per-node metadata (stack
+    traces with the exporting machine's file paths, fx node dumps) is removed so the same checkpoint gives
+    byte-identical graphs wherever it is exported, and packages carry no builder paths.
+    """
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    changed = False
     for vi in list(model.graph.input) + list(model.graph.output):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and d.dim_param not in (BATCH, SEQ, PAST, TOTAL):
                 if vi.name == "attention_mask" or vi.name.startswith("present."):
                     d.dim_param = TOTAL
-                    changed = True
-    if changed:
-        onnx.save(model, str(onnx_path))
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        for item in (*g.node, *g.value_info, *g.input, *g.output, *g.initializer):
+            del item.metadata_props[:]
+        for node in g.node:
+            node.doc_string = ""
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+    for fn in model.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+    onnx.save(model, str(onnx_path))

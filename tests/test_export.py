@@ -230,3 +230,16 @@ def test_external_data_above_protobuf_limit(tmp_path, tiny_checkpoint, monkeypat
     assert (onnx_dir / "model.onnx").stat().st_size < 0.1 * (onnx_dir / "model.onnx.data").stat().st_size
     assert fp32["parity"]["passed"]
     assert Package.open(tmp_path / "pkg").integrity_problems() == []
+
+
+def test_graph_carries_no_builder_paths_and_is_reproducible(tmp_path, tiny_package, tiny_checkpoint):
+    """Exporting the same checkpoint from another location gives a byte-identical graph."""
+    from gpt2deploy.exporting import export_package
+
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(tiny_checkpoint, moved)
+    res = export_package(str(moved), tmp_path / "pkg")
+    assert res.manifest["variants"]["fp32"]["files"][0]["sha256"] == Package.open(tiny_package).variant("fp32")["files"][0]["sha256"]
+    m = onnx.load(str(tmp_path / "pkg" / "onnx" / "model.onnx"), load_external_data=False)
+    assert not any(n.metadata_props for n in m.graph.node)
+    assert str(Path.home()) not in (tmp_path / "pkg" / "onnx" / "model.onnx").read_bytes().decode("latin-1")
