@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpt2deploy.benchmark.longctx import curve_positions
-from gpt2deploy.benchmark.memory import PeakRss, current_rss
+from gpt2deploy.benchmark.memory import PeakRss, current_rss, gpu_memory
 from gpt2deploy.benchmark.stats import summarize
 from gpt2deploy.benchmark.workload import BenchConfig, synthetic_prompts
 
@@ -135,6 +135,14 @@ def test_peak_rss_tracks_an_allocation():
     assert tracker.peak >= tracker.start_rss + 30 * 1024 * 1024
 
 
+def test_gpu_memory_is_skipped_cleanly(monkeypatch):
+    import sys
+
+    assert gpu_memory("cpu") is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # NVML bindings absent
+    assert "nvidia-ml-py" in gpu_memory("cuda")["skipped"]
+
+
 def test_config_validation_messages():
     from gpt2deploy.errors import UsageError
 
@@ -180,6 +188,14 @@ def test_bad_input(tiny_package, tmp_path, cli, args, needles):
     # sizes that fit the tiny model unless the case overrides them (the last value of an option wins)
     base = ("--new-tokens", "4", "--prompt-tokens", "4")
     _assert_clean_failure(cli("bench", tiny_package, *base, *args, "--json", out), *needles, out=out)
+
+
+def test_bad_cuda_without_provider(tiny_package, cli):
+    from gpt2deploy.runtime.providers import cuda_available
+
+    if cuda_available():
+        pytest.skip("this onnxruntime has the CUDA provider; the error case needs it absent")
+    _assert_clean_failure(cli("bench", tiny_package, "--device", "cuda", "--new-tokens", "4"), "CUDA execution provider", "onnxruntime-gpu")
 
 
 def test_bad_package_missing(tmp_path, cli):
