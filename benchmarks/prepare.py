@@ -104,3 +104,14 @@ def ctranslate2_model(ckpt: Path, quantization: str, say=print) -> tuple[Path | 
         return None, f"not available: conversion failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     tmp.rename(out)
     return out, ""
+
+
+def forget_derived(ckpt: Path, say=print) -> None:
+    """Delete everything built from ``ckpt`` (package, conversions, exports) so the next run rebuilds it."""
+    key = checkpoint_key(ckpt)
+    for path in sorted(WORK.glob(f"*-{key}*")):
+        say(f"removing {path}")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
