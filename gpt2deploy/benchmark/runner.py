@@ -78,6 +78,7 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
             "device": model.device,
             "file_mb": round(package.variant(name).get("size", 0) / MB, 1),
             "load_seconds": load_seconds,
+            "selection": getattr(model, "selection_reason", "requested"),
             **runs,
         }
         if config.long_context:
@@ -96,6 +97,8 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
         gpu = gpu_memory(model.device)
         if gpu is not None:
             entry["memory"]["gpu"] = gpu
+        if getattr(model, "notes", None):
+            entry["notes"] = list(model.notes)
         report["variants"][name] = entry
         del model
     return report
