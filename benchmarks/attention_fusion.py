@@ -26,10 +26,9 @@ import numpy as np
 def _optimize(model, num_heads: int, hidden: int):
     """The project's optimization pipeline without attention fusion (ORT's optimizer if it is absent)."""
     try:
-        from quant.optimize import STEPS, optimize
+        from quant.optimize import optimize
 
-        steps = [s for s in STEPS if s[0] != "attention"]
-        return optimize(model, num_heads, hidden, steps=steps)[0]
+        return optimize(model, num_heads, hidden, fuse_attention=False)[0]
     except ImportError:
         from onnxruntime.transformers.optimizer import optimize_model
 

@@ -6,8 +6,9 @@ MatMul with V, and a Transpose back. One ``com.microsoft.MultiHeadAttention`` no
 on [batch, seq, hidden] Q/K/V, takes the past KV in [batch, heads, past, head_dim] and returns the
 present KV in that layout, so it keeps the graph's inputs and outputs exactly as they are.
 
-The additive mask the graph already builds from ``attention_mask`` (causal and left-padding, with a
-finite fill value) is passed as ``attention_bias``, so masking semantics are the graph's own.
+The additive mask the graph already builds from ``attention_mask`` (causal and left padding) is passed
+as ``attention_bias``, so masking semantics are the graph's own; only its fill value for masked
+scores is raised to -10000 so it stays finite in float16 (see ``MASK_FILL``).
 
 ``GroupQueryAttention`` is available as an alternative target (``op=``); its extra inputs
 (``seqlens_k``, ``total_sequence_length``) are computed inside the graph from ``attention_mask``.
@@ -324,37 +325,38 @@ def _self_contained(index: GraphIndex, m: LayerMatch) -> str:
 # ---------------------------------------------------------------- rewriting
 
 
-def _mask_bias_is_finite(index: GraphIndex, name: str) -> bool | None:
-    """True/False when the bias is Where(cond, a, b) with constant a, b; None when unknown."""
-    node = index.producer.get(name)
-    if node is None or node.op_type != "Where":
-        return None
-    a, b = index.value(node.input[1]), index.value(node.input[2])
-    if a is None or b is None:
-        return None
-    return bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
+#: Fill for masked scores in the fused ops' bias: the contrib ops' own mask_filter_value. It stays
+#: finite in float16 (the graph's float32 minimum becomes -inf there), so rows with every key masked
+#: (queries on left padding) give finite values instead of NaN, and masked keys still get weight 0.
+MASK_FILL = -10000.0
 
 
-def _finite_mask_bias(graph: onnx.GraphProto, index: GraphIndex, name: str, cache: dict) -> str:
-    """The contrib kernels do not guard against all-masked rows: give them a bias with a finite fill."""
+def _safe_mask_bias(graph: onnx.GraphProto, index: GraphIndex, name: str, cache: dict) -> str:
+    """The mask bias for the fused ops: the graph's Where(cond, 0, fill) with fill raised to MASK_FILL.
+
+    The unfused graph guards fully-masked softmax rows with IsNaN -> 0; the contrib kernels do not, so
+    a fill that overflows (to -inf in half precision) must not reach them. Any other bias is used as is.
+    """
     if name in cache:
         return cache[name]
-    if _mask_bias_is_finite(index, name) is not False:
+    where = index.producer.get(name)
+    consts = None if where is None or where.op_type != "Where" else (index.value(where.input[1]), index.value(where.input[2]))
+    if consts is None or consts[0] is None or consts[1] is None or min(consts[0].min(), consts[1].min()) >= MASK_FILL:
         cache[name] = name
         return name
-    where = index.producer[name]
-    fill_name = f"{name}_finite_fill"
-    fill = numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), fill_name)
-    graph.initializer.append(fill)
-    a, b = index.value(where.input[1]), index.value(where.input[2])
+    dtype = consts[0].dtype if consts[0].dtype.kind == "f" else np.float32
+    fill_name = f"{name}_fused_fill"
+    graph.initializer.append(numpy_helper.from_array(np.array(MASK_FILL, dtype), fill_name))
     ins = list(where.input)
-    if not np.all(np.isfinite(a)):
-        ins[1] = fill_name
-    if not np.all(np.isfinite(b)):
-        ins[2] = fill_name
-    out = f"{name}_finite"
+    for k in (1, 2):
+        if consts[k - 1].size == 1 and consts[k - 1].min() < MASK_FILL:
+            ins[k] = fill_name
+        elif consts[k - 1].min() < MASK_FILL:
+            cache[name] = name  # a non-scalar constant: leave the graph's own bias
+            return name
+    out = f"{name}_fused"
     pos = list(graph.node).index(where) + 1
-    graph.node.insert(pos, helper.make_node("Where", ins, [out], name=f"{where.name}_finite"))
+    graph.node.insert(pos, helper.make_node("Where", ins, [out], name=f"{where.name}_fused"))
     cache[name] = out
     return out
 
@@ -468,7 +470,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
         # re-resolve nodes in the copy
         m = LayerMatch(**{**m0.__dict__, "softmax": by_name[m0.softmax.name], "out_transpose": by_name[m0.out_transpose.name],
                           "present_concats": [by_name[c.name] for c in m0.present_concats]})
-        bias = _finite_mask_bias(graph, index, m.mask_bias, bias_cache)
+        bias = _safe_mask_bias(graph, index, m.mask_bias, bias_cache)
         fused_out = f"fused_attention_{i}_output"
         node = _attention_node(m, op, num_heads, fused_out, bias, lengths, i)
         extra = _rewire_output(graph, index, m, fused_out, num_heads, head_dim, i)

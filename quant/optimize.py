@@ -114,27 +114,36 @@ def ort_fusions(model, num_heads: int, hidden_size: int):
     return model, {"ort_fused": stats}
 
 
+def attention_fusion(model, num_heads: int, hidden_size: int):
+    """Each layer's attention -> one MultiHeadAttention contrib node, same graph I/O (``quant.attention``)."""
+    from .attention import fuse_attention
+
+    return fuse_attention(model, num_heads, hidden_size)
+
+
 Step = Callable[..., tuple]
 
 #: The optimization pipeline, in order.
 STEPS: list[tuple[str, Step]] = [
     ("biasless_gemm", biasless_gemm_to_matmul),
     ("ort_fusions", ort_fusions),
+    ("attention", attention_fusion),
     ("gemm_to_matmul", gemm_to_matmul),
 ]
 
 
-def optimize(model: ModelLike, num_heads: int, hidden_size: int, progress: Callable[[str], None] = lambda m: None, steps=None):
+def optimize(model: ModelLike, num_heads: int, hidden_size: int, progress: Callable[[str], None] = lambda m: None, steps=None, fuse_attention: bool = True):
     """Run the optimization steps; return ``(model, report)``.
 
     The report has the op counts before/after, the fused op counts and each step's own info.
+    ``fuse_attention=False`` skips the attention step (MultiHeadAttention contrib op).
     """
     if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
         raise QuantError(f"hidden size {hidden_size} is not a multiple of {num_heads} heads; pass the model's n_head and n_embd")
     model = load(model)
     before = op_counts(model)
     report: dict = {"steps": {}}
-    for name, step in STEPS if steps is None else steps:
+    for name, step in [s for s in (STEPS if steps is None else steps) if fuse_attention or s[0] != "attention"]:
         progress(f"optimize: {name}")
         model, info = step(model, num_heads, hidden_size)
         report["steps"][name] = info

@@ -153,6 +153,31 @@ def test_shape_b_and_gqa_structure(graphs_b):
         assert _io(fused) == _io(graphs_b.optimized)
 
 
+def test_mask_bias_fill_is_finite_in_half_precision(graphs_a):
+    """The fused ops get the graph's mask with its fill raised to -10000 (float32 min is -inf in fp16)."""
+    from quant.graph_match import GraphIndex
+
+    fused, _ = graphs_a.fused("optimized")
+    index = GraphIndex(fused.graph)
+    biases = {n.input[5] for n in fused.graph.node if n.op_type == "MultiHeadAttention"}
+    assert len(biases) == 1  # built once, shared by every layer
+    where = index.producer[biases.pop()]
+    assert where.op_type == "Where"
+    fills = [index.value(x) for x in where.input[1:]]
+    assert all(f is not None and f.min() >= -10000.0 for f in fills)
+
+
+def test_optimize_pipeline_fuses_attention_by_default(graphs_a):
+    from quant.optimize import optimize
+
+    model, report = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden)
+    assert report["fused"].get("MultiHeadAttention") == graphs_a.n_layer
+    assert report["steps"]["attention"]["fused"] == graphs_a.n_layer
+    assert _io(model) == _io(graphs_a.raw)
+    _, off = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden, fuse_attention=False)
+    assert "MultiHeadAttention" not in off["fused"] and "attention" not in off["steps"]
+
+
 # ------------------------------------------------------------------------------------ numerics
 
 
