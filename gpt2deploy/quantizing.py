@@ -42,7 +42,7 @@ SAMPLE_TEXT = (
     "the old shipping records were kept before the railway arrived in 1872."
 )
 SAMPLE_TOKENS = 64
-OPTIONS = {"accuracy_level", "bits", "quantize_embedding", "reduce_range", "symmetric"}
+OPTIONS = {"accuracy_level", "bits", "head_bits", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
 
 
 def quantize_package(
@@ -57,8 +57,8 @@ def quantize_package(
 ) -> dict:
     """Quantize ``path``'s fp32 variant to ``mode`` and record it; return {"variant", "entry", "summary"}.
 
-    ``options`` pass through to the mode's pass (``accuracy_level``, ``bits``, ``quantize_embedding``,
-    ``reduce_range``).
+    ``options`` pass through to the mode's pass: int8 ``share_embedding``, ``quantize_embedding``,
+    ``reduce_range``; int4 ``accuracy_level``, ``bits``, ``head_bits``, ``embedding``, ``symmetric``.
     """
     from quant.int4 import check_block_size
 
@@ -131,14 +131,14 @@ def _quantize(model, mode, per_channel, block_size, exclude, options, progress, 
         if mode == "int8":
             from quant.int8 import quantize_int8
 
-            kw = {k: options[k] for k in ("reduce_range", "quantize_embedding") if k in options}
+            kw = {k: options[k] for k in ("reduce_range", "share_embedding", "quantize_embedding") if k in options}
             progress(f"quantizing to int8 ({'per-channel' if per_channel else 'per-tensor'} weights, dynamic activations)")
             model, info = quantize_int8(model, per_channel=per_channel, exclude=exclude, workdir=None, **kw)
             recipe = {"mode": "int8", "per_channel": per_channel, "block_size": None, "accuracy_level": None}
         elif mode == "int4":
             from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
 
-            kw = {k: options[k] for k in ("accuracy_level", "bits", "quantize_embedding", "symmetric") if k in options}
+            kw = {k: options[k] for k in ("accuracy_level", "bits", "head_bits", "embedding", "symmetric") if k in options}
             level = kw.setdefault("accuracy_level", DEFAULT_ACCURACY_LEVEL)
             progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level})")
             model, info = quantize_int4(model, block_size=block_size, exclude=exclude, **kw)

@@ -1,8 +1,10 @@
 """INT4 (CPU and CUDA): weight-only block quantization with ``MatMulNBits``, the lm_head included.
 
 Each weight MatMul becomes ``MatMulNBits`` (4-bit weights in blocks of ``block_size`` along K, one
-scale and zero point per block); activations stay float. The token embedding Gather can become
-``GatherBlockQuantized`` (same blocks along the hidden axis). Gemms are rewritten to MatMul + Add by
+scale and zero point per block); activations stay float. The token embedding (a lookup, not a
+MatMul) is stored as int8 with one scale per row by default (``embedding="int8"``): 4-bit blocks
+(``"int4"``, ``GatherBlockQuantized``) cost measurable accuracy for little size, fp32 (``"fp32"``)
+quadruples its bytes. Gemms are rewritten to MatMul + Add by
 ``optimize`` first, because MatMulNBits only replaces MatMul.
 
 ``accuracy_level`` picks the CPU compute type: 0/1 unpack to fp32 (exact, slower), 4 quantizes the
@@ -11,13 +13,15 @@ activations to int8 per block and uses integer dot products (fastest on x86 with
 from __future__ import annotations
 
 from .errors import QuantError
-from .exclude import resolve_exclude
+from .exclude import lm_head_nodes, resolve_exclude
 from .int8 import quiet_ort_logging
 from .lm_head import untie_lm_head
 from .report import describe
+from .tied_int8 import int8_embedding
 
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
+EMBEDDINGS = ("int8", "int4", "fp32")
 
 
 def check_block_size(block_size: int) -> None:
@@ -32,19 +36,52 @@ def quantize_int4(
     bits: int = 4,
     symmetric: bool = False,
     exclude=(),
-    quantize_embedding: bool = True,
+    embedding: str = "int8",
+    head_bits: int | None = None,
 ):
     """Return ``(model, info)``; ``model`` is an optimized fp32 decoder graph (see ``optimize``)."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
-
     check_block_size(block_size)
-    if bits not in (4, 8):
-        raise QuantError(f"MatMulNBits supports 4 or 8 bits, not {bits}; pass 4 or 8")
+    head_bits = bits if head_bits is None else head_bits
+    if bits not in (4, 8) or head_bits not in (4, 8):
+        raise QuantError(f"MatMulNBits supports 4 or 8 bits, not {bits if bits not in (4, 8) else head_bits}; pass 4 or 8")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantError(f"accuracy_level {accuracy_level} is not one of 0-4; pass 0 (fp32 compute) or 4 (int8 compute)")
+    if embedding not in EMBEDDINGS:
+        raise QuantError(f"embedding '{embedding}' is not one of {', '.join(EMBEDDINGS)}")
     model, untie = untie_lm_head(model)
     skipped = resolve_exclude(model, exclude)
-    op_types = ("MatMul", "Gather") if quantize_embedding else ("MatMul",)
+    emb_info: dict = {}
+    if embedding == "int8":
+        model, emb_info = int8_embedding(model)
+    op_types = ("MatMul", "Gather") if embedding == "int4" else ("MatMul",)
+    head = lm_head_nodes(model) if head_bits != bits else []
+    head = [h for h in head if h not in skipped]
+    qmodel = _matmul_nbits(model, bits, block_size, symmetric, accuracy_level, op_types, exclude=skipped + head)
+    if head:
+        qmodel = _matmul_nbits(qmodel, head_bits, block_size, symmetric, accuracy_level, ("MatMul",), include=head)
+    desc = describe(qmodel)
+    info = {
+        "mode": f"int{bits}",
+        "op": "MatMulNBits",
+        "bits": bits,
+        "head_bits": head_bits,
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "symmetric": symmetric,
+        "embedding": embedding,
+        **emb_info,
+        "lm_head_untied": [u["weight"] for u in untie["untied"]],
+        "excluded": skipped,
+        "quantized_matmuls": desc["weight_matmuls"]["quantized"],
+        "skipped_matmuls": desc["weight_matmuls"]["float"],
+        "float_weight_fraction": round(desc["weight_bytes"]["float_fraction"], 4),
+    }
+    return qmodel, info
+
+
+def _matmul_nbits(model, bits, block_size, symmetric, accuracy_level, op_types, exclude=(), include=None):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
     config = mnb.DefaultWeightOnlyQuantConfig(
         block_size=block_size,
         is_symmetric=symmetric,
@@ -61,7 +98,8 @@ def quantize_int4(
                 block_size=block_size,
                 is_symmetric=symmetric,
                 accuracy_level=accuracy_level,
-                nodes_to_exclude=skipped,
+                nodes_to_exclude=list(exclude),
+                nodes_to_include=include,
                 op_types_to_quantize=op_types,
                 quant_axes=(("MatMul", 0), ("Gather", 1)),
                 algo_config=config,
@@ -72,20 +110,4 @@ def quantize_int4(
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise QuantError(f"INT{bits} quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version") from None
-    qmodel = quantizer.model.model
-    desc = describe(qmodel)
-    info = {
-        "mode": f"int{bits}",
-        "op": "MatMulNBits",
-        "bits": bits,
-        "block_size": block_size,
-        "accuracy_level": accuracy_level,
-        "symmetric": symmetric,
-        "quantize_embedding": quantize_embedding,
-        "lm_head_untied": [u["weight"] for u in untie["untied"]],
-        "excluded": skipped,
-        "quantized_matmuls": desc["weight_matmuls"]["quantized"],
-        "skipped_matmuls": desc["weight_matmuls"]["float"],
-        "float_weight_fraction": round(desc["weight_bytes"]["float_fraction"], 4),
-    }
-    return qmodel, info
+    return quantizer.model.model

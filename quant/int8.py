@@ -35,14 +35,16 @@ def cpu_has_vnni() -> bool | None:
 
 @contextlib.contextmanager
 def quiet_ort_logging():
-    """ORT's quantizers warn through the root logger; the caller owns the output."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    """ORT's quantizers log through the root logger and their own; the caller owns the output."""
+    loggers = [logging.getLogger(n) for n in ("", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def quantize_int8(
