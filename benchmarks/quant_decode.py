@@ -171,12 +171,44 @@ def _spawn(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def extra_graphs(pkg: Path) -> dict:
+    """Other recipes, as bare graphs beside the package (not variants), for speed comparisons."""
+    import copy
+
+    import quant.graph as qgraph
+    from quant.int4 import quantize_int4
+    from quant.int8 import quantize_int8
+    from quant.optimize import optimize
+
+    builders = {
+        "int8-per-channel": lambda m: quantize_int8(m, per_channel=True),
+        "int4-head8": lambda m: quantize_int4(m, head_bits=8),
+        "int4-level0": lambda m: quantize_int4(m, accuracy_level=0),
+        "nbits8": lambda m: quantize_int4(m, bits=8),
+    }
+    out, optimized = {}, None
+    dims = json.loads((pkg / "manifest.json").read_text())["model"]
+    for name, build in builders.items():
+        path = pkg.parent / "recipes" / f"{name}.onnx"
+        if not path.is_file():
+            if optimized is None:
+                optimized, _ = optimize(qgraph.load(pkg / "onnx" / "model.onnx"), dims["n_head"], dims["hidden_size"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            model, _ = build(copy.deepcopy(optimized))
+            qgraph.save(model, path)
+        out[name] = path
+    return out
+
+
 def speed(args) -> dict:
     ensure_small(args.ckpt, args.pkg)
     pkg = private_copy(args.pkg, WORK / "small-pkg")
     ensure_variants(pkg)
     manifest = json.loads((pkg / "manifest.json").read_text())
     engines = {f"ort-{v}": ["ort", str(pkg / manifest["variants"][v]["file"])] for v in ("fp32", "int8", "int4")}
+    if args.recipes:
+        for name, path in extra_graphs(pkg).items():
+            engines[f"ort-{name}"] = ["ort", str(path)]
     engines["transformers"] = ["transformers", str(args.ckpt)]
     try:
         from gpt2deploy.runtime import model as _runtime  # noqa: F401
@@ -315,6 +347,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--windows", type=int, default=64, help="evaluation windows for accuracy (context-sized)")
+    p.add_argument("--recipes", action="store_true", help="also time other recipes (per-channel int8, int4 8-bit head, ...)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--json", type=Path, help="also write the results here")

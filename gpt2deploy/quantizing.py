@@ -249,6 +249,15 @@ def _commit(pkg: Package, name: str, stage: Path, written: list[Path], files: li
         raise
 
 
+def _isa_note(name: str, info: dict) -> str | None:
+    if name != "int8" or info.get("cpu_vnni") is not False or info.get("reduce_range"):
+        return None
+    return (
+        "this CPU has no VNNI: u8 x s8 int8 products use saturating 16-bit pairs; if accuracy drops, "
+        "quantize with reduce_range=True (7-bit weights); VNNI CPUs and ARM need no change"
+    )
+
+
 def _summary(pkg, name, entry, opt_report, info, check, timings) -> dict:
     fp32_size = pkg.variant("fp32")["size"]
     return {
@@ -265,5 +274,6 @@ def _summary(pkg, name, entry, opt_report, info, check, timings) -> dict:
         "sample_check": check,
         "providers": entry["providers"],
         "note": NOTES[name],
+        "isa_note": _isa_note(name, info),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }

@@ -50,5 +50,7 @@ def quantize_cmd(
     say(f"  sample text  {check['tokens']} tokens: logits finite, top-1 agreement with fp32 {check['top1_agreement'] * 100:.1f}%, max |dlogit| {check['max_abs_logit_diff']:.3g}")
     say(f"  providers    {', '.join(s['providers'])}")
     say(f"  note         {s['note']}")
+    if s.get("isa_note"):
+        say(f"  isa          {s['isa_note']}")
     say("  time         " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     typer.echo(f"wrote {Path(package) / s['file']} ({_mb(s['size_after'])}, variant {result['variant']})")
