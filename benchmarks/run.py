@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import envs  # noqa: E402
+import plot  # noqa: E402
 import prepare  # noqa: E402
 import table  # noqa: E402
 from peers import Peer  # noqa: E402
@@ -167,8 +168,11 @@ def main(argv=None) -> int:
     for name in (f"bench-{stamp}", "latest"):
         (a.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (a.out / f"{name}.md").write_text(md)
+    png = plot.plot_curves(result, a.out / f"bench-{stamp}.png")
+    if png is not None:
+        (a.out / "latest.png").write_bytes(png.read_bytes())
     print(md)
-    say(f"wrote {a.out / f'bench-{stamp}.md'} and .json (worker logs in {log_dir})")
+    say(f"wrote {a.out / f'bench-{stamp}'}.md, .json{', .png' if png else ''} (worker logs in {log_dir})")
     return 0
 
 
