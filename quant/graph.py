@@ -130,6 +130,10 @@ def save(model, path: str | os.PathLike, external: bool | None = None) -> list[P
         if data.exists():
             data.unlink()
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
-        return [path, data]
-    onnx.save_model(model, str(path))
-    return [path]
+        written = [path, data]
+    else:
+        onnx.save_model(model, str(path))
+        written = [path]
+    for p in written:  # onnx creates the data file owner-only; packages are read by other users and services
+        os.chmod(p, 0o644)
+    return written

@@ -194,6 +194,7 @@ def test_external_data_above_the_protobuf_limit(package_copy, monkeypatch):
     out = quantize_package(package_copy, "int4")
     files = [f["path"] for f in out["entry"]["files"]]
     assert files == ["onnx/model_q4.onnx", "onnx/model_q4.onnx.data"]
+    assert all((package_copy / f).stat().st_mode & 0o777 == 0o644 for f in files)
     pkg = Package.open(package_copy)
     assert pkg.integrity_problems() == []
     logits, _ = DecoderSession(pkg, "int4", "cpu", threads=1).forward(np.array([[464, 3290, 318]]))
