@@ -106,10 +106,10 @@ def ctranslate2_model(ckpt: Path, quantization: str, say=print) -> tuple[Path | 
     return out, ""
 
 
-def forget_derived(ckpt: Path, say=print) -> None:
-    """Delete everything built from ``ckpt`` (package, conversions, exports) so the next run rebuilds it."""
+def forget_package(ckpt: Path, say=print) -> None:
+    """Delete the gpt2deploy package built from ``ckpt`` so this run re-exports and re-quantizes it."""
     key = checkpoint_key(ckpt)
-    for path in sorted(WORK.glob(f"*-{key}*")):
+    for path in sorted(WORK.glob(f"pkg-{key}*")):
         say(f"removing {path}")
         if path.is_dir():
             shutil.rmtree(path)

@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--curve-points", type=int, default=8)
     ap.add_argument("--curve-steps", type=int, default=16)
     ap.add_argument("--curve-repeat", type=int, default=3, help="runs per curve position (the median is kept)")
-    ap.add_argument("--rebuild", action="store_true", help="rebuild the gpt2deploy package, CTranslate2 and Optimum models of this checkpoint")
+    ap.add_argument("--rebuild", action="store_true", help="re-export and re-quantize the gpt2deploy package (e.g. after changing the quantizer)")
     ap.add_argument("--optimum-python", help="python of an environment with optimum-onnx (default: create benchmarks/.work/optimum-venv)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     ckpt = (a.checkpoint or prepare.default_checkpoint(say=say)).resolve()
     if a.rebuild:
-        prepare.forget_derived(ckpt, say=say)
+        prepare.forget_package(ckpt, say=say)
     config = json.loads((ckpt / "config.json").read_text())
     n_ctx, vocab, eos = config.get("n_positions", 1024), config.get("vocab_size", 50257), config.get("eos_token_id")
     if a.prompt_tokens + a.new_tokens > n_ctx:
