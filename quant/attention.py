@@ -31,7 +31,6 @@ MHA = "MultiHeadAttention"
 GQA = "GroupQueryAttention"
 OPS = (MHA, GQA)
 MS_DOMAIN = "com.microsoft"
-INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -222,8 +221,8 @@ def match_layer(index: GraphIndex, model: onnx.ModelProto, softmax: onnx.NodePro
             break
     if qk is None:
         return None, "scores are not a MatMul"
-    if index.value(mask_bias) is not None and index.value(mask_bias).size == 1:
-        return None, "mask bias is a scalar"
+    if index.value(mask_bias) is not None or index.rank(mask_bias) not in (None, 4):
+        return None, "mask bias is not a [batch, 1, seq, total] tensor"
     # Q side
     q = _scaled(index, qk.input[0])
     kt = _scaled(index, qk.input[1])
@@ -459,17 +458,32 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
         report["nodes_after"] = report["nodes_before"]
         return model, report
 
+    if op == GQA and not {"attention_mask", "input_ids"} <= index.graph_inputs:
+        report["unmatched"].append("GroupQueryAttention needs the graph inputs attention_mask and input_ids")
+        report["nodes_after"] = report["nodes_before"]
+        return model, report
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    # the copy keeps node order: re-resolve the matched nodes by position before anything moves
+    originals = list(model.graph.node)
+    position = {id(n): k for k, n in enumerate(originals)}
+    copied = list(graph.node)
+
+    def twin(node):
+        k = position.get(id(node))
+        return copied[k if k is not None else originals.index(node)]
+
+    resolved = [
+        LayerMatch(**{**m.__dict__, "softmax": twin(m.softmax), "out_transpose": twin(m.out_transpose),
+                      "present_concats": [twin(c) for c in m.present_concats]})
+        for m in matches
+    ]
     index = GraphIndex(graph)
-    by_name = {n.name: n for n in graph.node}
     bias_cache: dict = {}
     lengths = _gqa_lengths(graph, "fused_attention_lengths") if op == GQA else None
-    for i, m0 in enumerate(matches):
-        # re-resolve nodes in the copy
-        m = LayerMatch(**{**m0.__dict__, "softmax": by_name[m0.softmax.name], "out_transpose": by_name[m0.out_transpose.name],
-                          "present_concats": [by_name[c.name] for c in m0.present_concats]})
+    for i, m in enumerate(resolved):
         bias = _safe_mask_bias(graph, index, m.mask_bias, bias_cache)
         fused_out = f"fused_attention_{i}_output"
         node = _attention_node(m, op, num_heads, fused_out, bias, lengths, i)
