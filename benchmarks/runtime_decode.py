@@ -3,7 +3,7 @@ the context vs near its start. Every number is a ratio of measurements interleav
 
     python benchmarks/runtime_decode.py [--ckpt /tmp/small-ckpt] [--pkg /tmp/small-pkg] [--threads 2]
         [--prompt-tokens 32] [--new-tokens 128] [--far 896] [--far-steps 32] [--repeat 5]
-        [--variants fp32,int8,int4] [--json OUT]
+        [--variants fp32,int8,int4] [--fused-attention] [--json OUT]
 
 Defaults: a GPT-2-small-shaped (124M) random checkpoint (written with ``python -m exporters.synthetic`` and
 exported with ``gpt2deploy export`` when absent), the fp32 variant, batch 1, greedy, EOS ignored.
@@ -14,6 +14,10 @@ exported with ``gpt2deploy export`` when absent), the fp32 variant, batch 1, gre
 2. Decode tok/s over positions far..far+steps vs prompt..prompt+steps (same number of steps).
 3. Per-step Python overhead of the loop: decode time outside ``session.run`` per step.
 4. With ``--variants``: decode tok/s of each variant present (to order CPU variant auto-selection).
+5. With ``--fused-attention``: the same measurements on a copy of the package whose fp32 graph has each
+   layer's attention fused into one MultiHeadAttention node (``quant.attention``, same graph I/O). The
+   exported graph copies the whole cache twice per step (Concat of past and new, then a Transpose of K);
+   the fused kernel does neither, which is what keeps decode speed flat far into the context.
 
 Runs alternate between the engines/positions and repeat; medians are reported. The machine may be shared,
 so look at the ratios, not the absolute numbers.
@@ -42,6 +46,39 @@ def ensure_package(ckpt: Path, pkg: Path) -> None:
     if not (pkg / "manifest.json").is_file():
         print(f"exporting {ckpt} to {pkg}", file=sys.stderr)
         subprocess.run(["gpt2deploy", "export", str(ckpt), "-o", str(pkg)], check=True)
+
+
+def fused_copy(pkg: Path, out: Path) -> Path:
+    """``out``: ``pkg`` with its fp32 graph attention-fused (MultiHeadAttention), manifest hashes updated."""
+    if (out / "manifest.json").is_file():
+        return out
+    import shutil
+
+    import onnx
+
+    from gpt2deploy.exporting import variant_entry
+    from gpt2deploy.fsutil import staged_dir
+    from gpt2deploy.package import Package
+    from quant.attention import fuse_attention
+
+    src = Package.open(pkg)
+    d = src.dims
+    with staged_dir(out) as tmp:
+        for f in pkg.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "onnx").mkdir()
+        fused, report = fuse_attention(onnx.load(str(src.variant_path("fp32"))), d.n_head, d.hidden_size)
+        if report["fused"] != d.n_layer:
+            raise SystemExit(f"attention fusion matched {report['fused']} of {d.n_layer} layers: {report['unmatched']}")
+        onnx.save(fused, str(tmp / "onnx" / "model.onnx"))
+        manifest = json.loads((tmp / "manifest.json").read_text())
+        old = manifest["variants"]["fp32"]
+        manifest["variants"] = {"fp32": variant_entry(tmp, "fp32", ["onnx/model.onnx"], "fp32", old["opset"],
+                                                      dict(old["recipe"], fused={"MultiHeadAttention": report["fused"]}),
+                                                      old["providers"])}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
 
 
 def prompt_ids(n: int, seed: int = 0, vocab: int = 50000) -> list[int]:
@@ -99,6 +136,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--variants", default="", help="also compare these variants' decode speed (comma list)")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--fused-attention", action="store_true", help="also measure an attention-fused copy of the fp32 graph")
+    ap.add_argument("--fused-pkg", default=None, help="where that copy lives (default: PKG + '-mha')")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     ckpt, pkg = Path(a.ckpt), Path(a.pkg)
@@ -106,68 +145,83 @@ def main(argv=None) -> dict:
 
     import gpt2deploy
 
-    model = gpt2deploy.load(pkg, variant=a.variant, device="cpu", threads=a.threads)
+    models = {"exported": gpt2deploy.load(pkg, variant=a.variant, device="cpu", threads=a.threads)}
+    if a.fused_attention:
+        fpkg = fused_copy(pkg, Path(a.fused_pkg or str(pkg) + "-mha"))
+        models["fused"] = gpt2deploy.load(fpkg, variant="fp32", device="cpu", threads=a.threads)
     hf = None if a.no_transformers else HF(ckpt, a.threads)
     prompt = prompt_ids(a.prompt_tokens)
     far_prompt = prompt_ids(a.far, seed=1)
     near_prompt = prompt_ids(a.prompt_tokens, seed=2)
-    # warm-up
-    ours_decode(model, prompt, 8)
-    ours_decode(model, far_prompt, 4)
+    for m in models.values():  # warm-up
+        ours_decode(m, prompt, 8)
+        ours_decode(m, far_prompt, 4)
     if hf:
         hf.decode(prompt, 4)
-    rows = {"ours": [], "hf": [], "near": [], "far": [], "overhead_ms": []}
+    rows: dict[str, list] = {"hf": []}
+    for k in models:
+        rows.update({f"{k}:decode": [], f"{k}:near": [], f"{k}:far": [], f"{k}:overhead_ms": []})
+    tasks = [("hf", None)] + [(k, w) for k in models for w in ("decode", "near", "far")]
     for rep in range(a.repeat):
-        order = ["ours", "hf", "near", "far"] if rep % 2 == 0 else ["far", "near", "hf", "ours"]
-        for what in order:
-            if what == "ours":
-                r = ours_decode(model, prompt, a.new_tokens)
-                rows["ours"].append(r["tok_s"])
-                rows["overhead_ms"].append(r["overhead_ms"])
-            elif what == "hf" and hf:
-                rows["hf"].append(hf.decode(prompt, a.new_tokens)["tok_s"])
-            elif what == "near":
-                rows["near"].append(ours_decode(model, near_prompt, a.far_steps + 1)["tok_s"])
-            elif what == "far":
-                rows["far"].append(ours_decode(model, far_prompt, a.far_steps + 1)["tok_s"])
-        line = f"round {rep + 1}/{a.repeat}: ours {rows['ours'][-1]:.1f} tok/s"
-        if hf:
-            line += f", transformers {rows['hf'][-1]:.1f} tok/s (x{rows['ours'][-1] / rows['hf'][-1]:.2f})"
-        line += f", pos {a.prompt_tokens}: {rows['near'][-1]:.1f}, pos {a.far}: {rows['far'][-1]:.1f} tok/s ({rows['far'][-1] / rows['near'][-1]:.0%})"
-        print(line, file=sys.stderr)
+        for key, what in (tasks if rep % 2 == 0 else tasks[::-1]):
+            if key == "hf":
+                if hf:
+                    rows["hf"].append(hf.decode(prompt, a.new_tokens)["tok_s"])
+                continue
+            m = models[key]
+            if what == "decode":
+                r = ours_decode(m, prompt, a.new_tokens)
+                rows[f"{key}:decode"].append(r["tok_s"])
+                rows[f"{key}:overhead_ms"].append(r["overhead_ms"])
+            else:
+                p = near_prompt if what == "near" else far_prompt
+                rows[f"{key}:{what}"].append(ours_decode(m, p, a.far_steps + 1)["tok_s"])
+        parts = []
+        for k in models:
+            d, n, f = rows[f"{k}:decode"][-1], rows[f"{k}:near"][-1], rows[f"{k}:far"][-1]
+            vs = f" (x{d / rows['hf'][-1]:.2f} transformers)" if hf else ""
+            parts.append(f"{k} {d:.1f} tok/s{vs}, pos {a.far}/{a.prompt_tokens} {f / n:.0%}")
+        hf_part = f"transformers {rows['hf'][-1]:.1f} tok/s; " if hf else ""
+        print(f"round {rep + 1}/{a.repeat}: {hf_part}" + "; ".join(parts), file=sys.stderr)
+
     report = {
         "package": str(pkg),
-        "variant": model.variant,
+        "variant": a.variant,
         "threads": a.threads,
         "prompt_tokens": a.prompt_tokens,
         "new_tokens": a.new_tokens,
-        "ours_decode_tok_s": med(rows["ours"]),
-        "transformers_decode_tok_s": med(rows["hf"]) if hf else None,
-        "speedup_vs_transformers": (med([o / h for o, h in zip(rows["ours"], rows["hf"])]) if hf else None),
         "near_position": a.prompt_tokens,
         "far_position": a.far,
-        "near_decode_tok_s": med(rows["near"]),
-        "far_decode_tok_s": med(rows["far"]),
-        "far_over_near": med([f / n for f, n in zip(rows["far"], rows["near"])]),
-        "overhead_ms_per_step": med(rows["overhead_ms"]),
-        "samples": rows,
+        "transformers_decode_tok_s": med(rows["hf"]) if hf else None,
+        "graphs": {},
     }
+    for k in models:
+        g = {
+            "decode_tok_s": med(rows[f"{k}:decode"]),
+            "speedup_vs_transformers": med([o / h for o, h in zip(rows[f"{k}:decode"], rows["hf"])]) if hf else None,
+            "near_decode_tok_s": med(rows[f"{k}:near"]),
+            "far_decode_tok_s": med(rows[f"{k}:far"]),
+            "far_over_near": med([f / n for f, n in zip(rows[f"{k}:far"], rows[f"{k}:near"])]),
+            "overhead_ms_per_step": med(rows[f"{k}:overhead_ms"]),
+        }
+        report["graphs"][k] = g
     if a.variants:
         names = [v for v in a.variants.split(",") if v]
-        models = {}
+        vmodels = {}
         for v in names:
             try:
-                models[v] = gpt2deploy.load(pkg, variant=v, device="cpu", threads=a.threads)
+                vmodels[v] = gpt2deploy.load(pkg, variant=v, device="cpu", threads=a.threads)
             except gpt2deploy.errors.Gpt2DeployError as e:  # absent variant
                 print(f"{v}: {e}", file=sys.stderr)
-        speeds = {v: [] for v in models}
-        for v, m in models.items():
+        speeds = {v: [] for v in vmodels}
+        for m in vmodels.values():
             ours_decode(m, prompt, 8)
         for rep in range(a.repeat):
-            for v in (list(models) if rep % 2 == 0 else list(models)[::-1]):
-                speeds[v].append(ours_decode(models[v], prompt, a.new_tokens)["tok_s"])
+            for v in (list(vmodels) if rep % 2 == 0 else list(vmodels)[::-1]):
+                speeds[v].append(ours_decode(vmodels[v], prompt, a.new_tokens)["tok_s"])
         report["variants"] = {v: med(s) for v, s in speeds.items()}
         print("variants decode tok/s: " + ", ".join(f"{v} {s:.1f}" for v, s in report["variants"].items()), file=sys.stderr)
+    report["samples"] = rows
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -27,17 +27,17 @@ def ok(providers=CPU, passed=None):
     return e
 
 
-def test_cpu_prefers_int8_then_int4_then_fp32():
-    assert select_variant(_m(fp32=ok(), int8=ok(), int4=ok(), fp16=ok(CUDA)), "cpu")[0] == "int8"
-    assert select_variant(_m(fp32=ok(), int4=ok()), "cpu")[0] == "int4"
+def test_cpu_prefers_int4_then_int8_then_fp32():
+    assert select_variant(_m(fp32=ok(), int8=ok(), int4=ok(), fp16=ok(CUDA)), "cpu")[0] == "int4"
+    assert select_variant(_m(fp32=ok(), int8=ok()), "cpu")[0] == "int8"
     name, reason = select_variant(_m(fp32=ok(), fp16=ok(CUDA)), "cpu")
     assert name == "fp32" and "auto on cpu" in reason
 
 
 def test_cpu_skips_failed_gates_and_says_why():
-    name, reason = select_variant(_m(fp32=ok(passed=True), int8=ok(passed=False), int4=ok(passed=True)), "cpu")
-    assert name == "int4"
-    assert "int8 failed its accuracy gate" in reason and "passed its accuracy gate" in reason
+    name, reason = select_variant(_m(fp32=ok(passed=True), int4=ok(passed=False), int8=ok(passed=True)), "cpu")
+    assert name == "int8"
+    assert "int4 failed its accuracy gate" in reason and "passed its accuracy gate" in reason
 
 
 def test_cpu_never_picks_fp16():

@@ -32,6 +32,38 @@ class _Buffer:
             self.ptr = self.value.ctypes.data
 
 
+def _binders(io, device: str, device_id: int):
+    """``bind_in/bind_out(name, 'cpu'|device, dtype, shape, ptr)`` for pre-allocated memory.
+
+    ``IOBinding.bind_input/bind_output`` build an OrtDevice on every call; a decode step binds
+    4 x n_layer tensors, so the device objects are made once here and the underlying binding is called
+    directly. Any onnxruntime without that layout gets the public methods.
+    """
+    try:
+        from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+        raw = io._iobinding
+        devs = {d: OrtDevice.make(d, device_id if d != "cpu" else 0)._get_c_device() for d in {"cpu", device}}
+        raw_in, raw_out = raw.bind_input, raw.bind_output
+
+        def bind_in(name, dev, dtype, shape, ptr):
+            raw_in(name, devs[dev], dtype, shape, ptr)
+
+        def bind_out(name, dev, dtype, shape, ptr):
+            raw_out(name, devs[dev], dtype, shape, ptr)
+
+        return bind_in, bind_out
+    except (ImportError, AttributeError):
+
+        def bind_in(name, dev, dtype, shape, ptr):
+            io.bind_input(name, dev, device_id if dev != "cpu" else 0, dtype, shape, ptr)
+
+        def bind_out(name, dev, dtype, shape, ptr):
+            io.bind_output(name, dev, device_id if dev != "cpu" else 0, dtype, shape, ptr)
+
+        return bind_in, bind_out
+
+
 class KVStepper:
     """``prefill(ids, mask) -> last logits``, then ``step(tokens) -> logits`` once per new token.
 
@@ -61,29 +93,30 @@ class KVStepper:
         self.length = 0
         self.cur = 0
         self.run_seconds = 0.0  # time spent inside session.run for decode steps
+        self._bind_in, self._bind_out = _binders(self.io, self.device, self.device_id)
         self._past = list(zip(dec.past_names, range(len(dec.past_names))))
         self._present = list(zip(dec.present_names, range(len(dec.present_names))))
 
     # -- binding helpers ------------------------------------------------------------------
     def _bind_host(self, name: str, arr: np.ndarray) -> None:
-        self.io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        self._bind_in(name, "cpu", arr.dtype, list(arr.shape), arr.ctypes.data)
 
     def _bind_cache(self, length: int) -> None:
         """past <- set[cur][:length], present -> set[1 - cur][:length + new]."""
         b, h, d = self.kv_shape
         past_shape = [b, h, length, d]
         src, dst = self.ptrs[self.cur], self.ptrs[1 - self.cur]
-        bind, dev, did, dt = self.io.bind_input, self.device, self.device_id, self.kv_dtype
+        bind, dev, dt = self._bind_in, self.device, self.kv_dtype
         for name, i in self._past:
-            bind(name, dev, did, dt, past_shape, src[i])
+            bind(name, dev, dt, past_shape, src[i])
         return dst
 
     def _bind_present(self, dst, total: int) -> None:
         b, h, d = self.kv_shape
         shape = [b, h, total, d]
-        bind, dev, did, dt = self.io.bind_output, self.device, self.device_id, self.kv_dtype
+        bind, dev, dt = self._bind_out, self.device, self.kv_dtype
         for name, i in self._present:
-            bind(name, dev, did, dt, shape, dst[i])
+            bind(name, dev, dt, shape, dst[i])
 
     # -- steps ----------------------------------------------------------------------------
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -104,11 +137,11 @@ class KVStepper:
         dst = self._bind_cache(0)
         self._bind_present(dst, seq)
         logits = np.empty((batch, seq, self.logits.shape[-1]), dtype=self.logits_dtype)
-        self.io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        self._bind_out("logits", "cpu", logits.dtype, list(logits.shape), logits.ctypes.data)
         self.dec.session.run_with_iobinding(self.io)
         self.cur, self.length = 1, seq
         self.pos[:, 0] = pos[:, -1]
-        self.io.bind_output("logits", "cpu", 0, self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+        self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
         self._bind_host("input_ids", self.ids)
         self._bind_host("position_ids", self.pos)
         return logits[:, -1, :].astype(np.float32, copy=True)

@@ -1,16 +1,17 @@
 """Which variant to load on which device, read from the manifest alone.
 
 CPU: the fastest variant present that did not fail its accuracy gate. The order comes from decode
-speed measured on a GPT-2-small-shaped package with 2 threads (benchmarks/runtime_decode.py --variants):
-int8 (dynamic-quantized MatMuls) is fastest, int4 (MatMulNBits) next, fp32 last. fp16 is never picked on
-CPU: the CPU execution provider runs it slower than fp32.
+speed measured on a GPT-2-small-shaped package, batch 1, 2 threads, same run
+(``benchmarks/runtime_decode.py --variants int4,int8,fp32``): int4 (MatMulNBits) 1.5x int8 (dynamic
+quantized MatMuls), which is 2.1x fp32. fp16 is never picked on CPU: the CPU execution provider runs it
+slower than fp32.
 CUDA: fp16 when present and not failed, else fp32 (then int4, int8 as a last resort).
 """
 from __future__ import annotations
 
 from ..errors import VariantError
 
-CPU_PREFERENCE = ("int8", "int4", "fp32")
+CPU_PREFERENCE = ("int4", "int8", "fp32")
 CUDA_PREFERENCE = ("fp16", "fp32", "int4", "int8")
 _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
