@@ -41,6 +41,9 @@ def test_run_json_and_stdin(cli, tiny_package, greedy_text):
     assert out["variant"] == "fp32" and out["device"] == "cpu"
     assert out["prompt_tokens"] == 3 and out["new_tokens"] == 12 and out["finish_reason"] == "length"
     assert out["timings"]["decode_steps"] == 11 and out["tokens_per_second"] > 0
+    r = cli("run", tiny_package, "--prompt", "The assert statement", "--json", "--ignore-eos")  # default budget
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["new_tokens"] == 128 - 3
 
 
 def test_run_sampling_options_and_stop(cli, tiny_package, greedy_text):

@@ -159,6 +159,14 @@ def test_truncate_keeps_the_end_of_the_prompt(model):
     assert r.tokens == model.generate_ids([ids[8:]], max_new_tokens=8).tokens
 
 
+def test_default_budget_is_what_the_context_leaves(model):
+    n = model.dims.n_positions  # 128 here, so the default of 128 new tokens does not fit
+    r = model.generate_ids([list(range(300, 400))], ignore_eos=True)
+    assert r.new_tokens == [n - 100]
+    r = model.generate_ids([[300, 301]], ignore_eos=True)
+    assert r.new_tokens == [n - 2]
+
+
 def test_bad_options_raise_typed_errors(model):
     with pytest.raises(UsageError, match="unknown generation option"):
         model.generate("hi", max_tokens=3)

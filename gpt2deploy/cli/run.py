@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -19,12 +20,20 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 @app.command("run")
 @command
 def run_cmd(
     package: Path = typer.Argument(..., help="Package directory (written by 'gpt2deploy export' or 'build')."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text, or '-' to read it from stdin."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 128)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 128, or what the context leaves)."),
     do_sample: bool = typer.Option(False, "--do-sample", help="Sample instead of greedy decoding."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (> 0)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
@@ -76,10 +85,14 @@ def run_cmd(
         for _ in stream:
             pass
     else:
-        for piece in stream:
-            typer.echo(piece, nl=False)
-            sys.stdout.flush()
-        typer.echo("")
+        try:
+            for piece in stream:
+                typer.echo(piece, nl=False)
+                sys.stdout.flush()
+            typer.echo("")
+        except BrokenPipeError:  # the reader left (e.g. `| head`): stop generating, quietly
+            _silence_stdout()
+            raise typer.Exit(0)
     result = stream.result
     t = result.timings
     tok_s = t.get("decode_tokens_per_second")

@@ -7,13 +7,13 @@ finished rows keep a slot in the batch but their tokens are ignored.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..errors import GenerationError
 from .kvcache import KVStepper
-from .options import GenerationOptions
+from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .sampling import choose
 from .session import DecoderSession
 
@@ -44,14 +44,21 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask
 
 
-def fit_context(rows: list[list[int]], opts: GenerationOptions, n_positions: int) -> tuple[list[list[int]], list[int]]:
-    """Check prompt + max_new_tokens against the context; left-truncate only when ``opts.truncate``."""
+def fit_context(rows: list[list[int]], opts: GenerationOptions, n_positions: int) -> tuple[list[list[int]], list[int], GenerationOptions]:
+    """Check prompt + max_new_tokens against the context; left-truncate only when ``opts.truncate``.
+
+    Without an explicit ``max_new_tokens`` the budget is DEFAULT_MAX_NEW_TOKENS or what the context leaves.
+    Returns the (possibly truncated) rows, the tokens dropped per row, and the options with the budget set.
+    """
     if not rows:
         raise GenerationError("no prompts given; pass at least one prompt")
     for i, r in enumerate(rows):
         if len(r) == 0:
             which = "the prompt" if len(rows) == 1 else f"prompt {i}"
             raise GenerationError(f"{which} is empty; pass at least one token of text")
+    if opts.max_new_tokens is None:
+        room = n_positions - max(len(r) for r in rows)
+        opts = replace(opts, max_new_tokens=max(1, min(DEFAULT_MAX_NEW_TOKENS, room)))
     if opts.max_new_tokens >= n_positions:
         raise GenerationError(
             f"max_new_tokens {opts.max_new_tokens} leaves no room for a prompt in the model's context of {n_positions} tokens; "
@@ -68,7 +75,7 @@ def fit_context(rows: list[list[int]], opts: GenerationOptions, n_positions: int
                 f"shorten the prompt, lower max_new_tokens, or allow left-truncation (--truncate / truncate=True)"
             )
         rows = [r[d:] for r, d in zip(rows, dropped)]
-    return rows, dropped
+    return rows, dropped, opts
 
 
 class Generation:
@@ -83,8 +90,8 @@ class Generation:
             if bad:
                 raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{dec.dims.vocab_size - 1})")
         self.dec = dec
-        self.opts = opts
-        self.rows, self.dropped = fit_context(rows, opts, dec.dims.n_positions)
+        self.rows, self.dropped, self.opts = fit_context(rows, opts, dec.dims.n_positions)
+        opts = self.opts
         self.batch = len(self.rows)
         self.tokens: list[list[int]] = [[] for _ in range(self.batch)]
         self.reasons: list[str | None] = [None] * self.batch

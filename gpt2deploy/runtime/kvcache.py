@@ -142,8 +142,6 @@ class KVStepper:
         self.cur, self.length = 1, seq
         self.pos[:, 0] = pos[:, -1]
         self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
-        self._bind_host("input_ids", self.ids)
-        self._bind_host("position_ids", self.pos)
         return logits[:, -1, :].astype(np.float32, copy=True)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
@@ -157,6 +155,10 @@ class KVStepper:
         if self.batch > 1:
             mask = np.ascontiguousarray(mask)
         self._mask_ref = mask
+        # Host inputs are bound again every step: binding copies them to the device when the session's
+        # is not the CPU, so an in-place update after binding would not reach it.
+        self._bind_host("input_ids", self.ids)
+        self._bind_host("position_ids", self.pos)
         self._bind_host("attention_mask", mask)
         dst = self._bind_cache(n)
         self._bind_present(dst, n + 1)

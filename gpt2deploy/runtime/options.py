@@ -12,7 +12,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 class GenerationOptions:
     """Everything that decides which tokens come out. Greedy unless ``do_sample``."""
 
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None  # None: DEFAULT_MAX_NEW_TOKENS, or what the context leaves after the prompt
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -87,8 +87,7 @@ def build_options(defaults: dict, overrides: dict) -> GenerationOptions:
 
 def validate(o: GenerationOptions) -> None:
     """One-line errors that name the bad value and the valid range."""
-    max_new = _number("max_new_tokens", o.max_new_tokens, int)
-    if max_new < 1:
+    if o.max_new_tokens is not None and _number("max_new_tokens", o.max_new_tokens, int) < 1:
         raise UsageError(f"max_new_tokens must be >= 1 (got {o.max_new_tokens})")
     top_k = _number("top_k", o.top_k, int)
     if top_k < 0:
