@@ -6,7 +6,7 @@ import pytest
 
 from gpt2deploy.errors import UsageError
 from gpt2deploy.runtime.options import build_options
-from gpt2deploy.runtime.sampling import apply_repetition_penalty, choose, draw, top_k_filter, top_p_filter
+from gpt2deploy.runtime.sampling import SeenTokens, apply_repetition_penalty, apply_temperature, choose, draw, top_k_filter, top_p_filter
 
 
 def test_repetition_penalty_on_crafted_logits():
@@ -79,8 +79,31 @@ def test_choose_greedy_and_sampled():
     o = build_options({}, {"do_sample": True, "top_k": 1, "seed": 3})
     assert choose(logits, o, np.random.default_rng(3), None).tolist() == [1, 0]
     o = build_options({}, {"repetition_penalty": 10.0})
-    seen = np.array([[False, True, False], [False, False, False]])
+    seen = SeenTokens([[1, 1], [2]], vocab=3, capacity=8)
+    assert seen.of(0).tolist() == [1] and seen.mask.tolist() == [[False, True, False], [False, False, True]]
     assert choose(logits, o, None, seen).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("opts", [
+    {"do_sample": True, "top_p": 0.9},
+    {"do_sample": True, "top_p": 0.3, "temperature": 0.7},
+    {"do_sample": True, "top_k": 40},
+    {"do_sample": True, "top_k": 300, "top_p": 0.95, "temperature": 1.3, "repetition_penalty": 1.2},
+    {"do_sample": True},
+])
+def test_fast_choice_equals_reference_filters(opts):
+    """choose() works on candidates only; it must pick exactly what the full-vocabulary pipeline picks."""
+    rng = np.random.default_rng(42)
+    o = build_options({}, opts)
+    vocab = 5000
+    for trial in range(20):
+        logits = (rng.standard_normal((2, vocab)) * (0.5 + trial / 5)).astype(np.float32)
+        rows = [rng.integers(0, vocab, 30).tolist(), rng.integers(0, vocab, 5).tolist()]
+        seen = SeenTokens(rows, vocab, 64)
+        got = choose(logits, o, np.random.default_rng(trial), seen)
+        ref = apply_repetition_penalty(logits, seen.mask, o.repetition_penalty)
+        ref = top_p_filter(top_k_filter(apply_temperature(ref, o.temperature), o.top_k), o.top_p)
+        assert got.tolist() == draw(ref, np.random.default_rng(trial)).tolist()
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import GenerationError
 from .kvcache import KVStepper
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
-from .sampling import choose
+from .sampling import SeenTokens, choose
 from .session import DecoderSession
 
 
@@ -114,11 +114,7 @@ class Generation:
         t_alloc = time.perf_counter()
         logits = stepper.prefill(ids, mask)
         rng = np.random.default_rng(o.seed) if o.do_sample else None
-        seen = None
-        if o.repetition_penalty != 1.0:
-            seen = np.zeros((self.batch, self.dec.dims.vocab_size), dtype=bool)
-            for r, row in enumerate(self.rows):
-                seen[r, row] = True
+        seen = SeenTokens(self.rows, self.dec.dims.vocab_size, self.capacity) if o.repetition_penalty != 1.0 else None
         eos = np.array(o.eos_ids, dtype=np.int64)
         pad = np.int64(o.pad_token_id)
         steps = 0
@@ -130,9 +126,8 @@ class Generation:
             took = self.active.copy()
             for r in np.flatnonzero(took):
                 self.tokens[r].append(int(nxt[r]))
-            if seen is not None:
-                rows_took = np.flatnonzero(took)
-                seen[rows_took, nxt[rows_took]] = True
+                if seen is not None:
+                    seen.add(r, int(nxt[r]))
             if eos.size:
                 for r in np.flatnonzero(took & np.isin(nxt, eos)):
                     self.finish(int(r), "eos")
@@ -153,6 +148,8 @@ class Generation:
             steps += 1
         t_end = time.perf_counter()
         decode_s = max(0.0, t_end - t_first - paused) if steps else 0.0
+        new_tokens = sum(len(t) for t in self.tokens)
+        decode_tokens = new_tokens - self.batch  # the first token of each row comes from the prefill
         self.timings = {
             "setup_seconds": t_alloc - t0,
             "prefill_seconds": t_prefill - t_alloc,
@@ -160,9 +157,9 @@ class Generation:
             "decode_steps": steps,
             "decode_run_seconds": stepper.run_seconds,
             "prompt_tokens": int(mask.sum()),
-            "new_tokens": sum(len(t) for t in self.tokens),
+            "new_tokens": new_tokens,
             "batch": self.batch,
-            "decode_tokens_per_second": (steps * self.batch / decode_s) if decode_s > 0 else None,
+            "decode_tokens_per_second": (decode_tokens / decode_s) if decode_s > 0 else None,
             "overhead_ms_per_step": ((decode_s - stepper.run_seconds) / steps * 1e3) if steps else None,
         }
 
