@@ -95,11 +95,6 @@ def _nucleus(logits: np.ndarray, p: float) -> np.ndarray:
     return np.sort(order[before < p])
 
 
-def _probs(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability mass reaches ``p``."""
     if p >= 1.0:
