@@ -165,7 +165,10 @@ def ensure_variants(pkg: Path, modes=("int8", "int4")) -> None:
 
 
 def _spawn(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+    # Passive OpenMP waits: spinning PyTorch threads lose badly to any other load on the machine (a
+    # decode step's tiny ops each pay the wake-up), which would flatter every ratio to transformers.
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -72,6 +72,10 @@ def quantize_package(
         raise UsageError(str(e)) from None
     if per_channel and mode != "int8":
         raise UsageError(f"--per-channel applies to int8 only; drop it for {mode}")
+    if "head_bits" in options and mode != "int4":
+        raise UsageError(f"--head-bits applies to int4 only; drop it for {mode}")
+    if options.get("head_bits", 4) not in (4, 8):
+        raise UsageError(f"--head-bits must be 4 or 8 (got {options['head_bits']})")
     unknown = set(options) - OPTIONS
     if unknown:
         raise UsageError(f"unknown quantize option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(OPTIONS))}")
@@ -140,9 +144,9 @@ def _quantize(model, mode, per_channel, block_size, exclude, options, progress, 
 
             kw = {k: options[k] for k in ("accuracy_level", "bits", "head_bits", "embedding", "symmetric") if k in options}
             level = kw.setdefault("accuracy_level", DEFAULT_ACCURACY_LEVEL)
-            progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level})")
+            progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level}, lm_head {kw.get('head_bits', kw.get('bits', 4))}-bit)")
             model, info = quantize_int4(model, block_size=block_size, exclude=exclude, **kw)
-            recipe = {"mode": "int4", "per_channel": False, "block_size": block_size, "accuracy_level": level}
+            recipe = {"mode": "int4", "per_channel": False, "block_size": block_size, "accuracy_level": level, "head_bits": info["head_bits"]}
         else:
             from quant.fp16 import convert_fp16
 

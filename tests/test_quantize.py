@@ -199,3 +199,17 @@ def test_external_data_above_the_protobuf_limit(package_copy, monkeypatch):
     assert pkg.integrity_problems() == []
     logits, _ = DecoderSession(pkg, "int4", "cpu", threads=1).forward(np.array([[464, 3290, 318]]))
     assert np.isfinite(logits).all()
+
+
+def test_int4_with_8bit_lm_head(cli, package_copy):
+    import onnx
+
+    r = cli("quantize", package_copy, "--mode", "int4", "--head-bits", "8", "--block-size", "16")
+    assert r.exit_code == 0, r.stderr
+    manifest = json.loads((package_copy / "manifest.json").read_text())
+    recipe = manifest["variants"]["int4"]["recipe"]
+    assert recipe["head_bits"] == 8 and recipe["block_size"] == 16 and recipe["skipped_matmuls"] == 0
+    model = onnx.load(str(package_copy / "onnx/model_q4.onnx"))
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"}
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    assert bits.pop(head.name) == 8 and set(bits.values()) == {4}

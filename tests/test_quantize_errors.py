@@ -140,3 +140,10 @@ def test_failure_while_recording_a_new_variant_leaves_nothing(package_copy, monk
     with pytest.raises(OSError):
         quantize_package(package_copy, "fp16")
     assert _snapshot(package_copy) == before
+
+
+@pytest.mark.parametrize("args", [["--mode", "int4", "--head-bits", "6"], ["--mode", "int8", "--head-bits", "8"]])
+def test_bad_head_bits(cli, package_copy, args):
+    before = _snapshot(package_copy)
+    r = cli("quantize", package_copy, *args)
+    _assert_clean_failure(r, package_copy, before, "--head-bits")
