@@ -30,7 +30,7 @@ PROVIDERS = {
 }
 NOTES = {
     "int8": "CPU variant: int8 weights, uint8 activations quantized per call (DynamicQuantizeMatMul)",
-    "int4": "CPU and CUDA variant: 4-bit block weights (MatMulNBits), float activations",
+    "int4": "CPU and CUDA variant: 4-bit block weights (MatMulNBits, lm_head/embedding table in recipe.head_bits), float activations",
     "fp16": "CUDA variant: on the CPU execution provider float16 is slower than fp32; 'run'/'auto' pick it only on CUDA",
 }
 
@@ -144,7 +144,7 @@ def _quantize(model, mode, per_channel, block_size, exclude, options, progress, 
 
             kw = {k: options[k] for k in ("accuracy_level", "bits", "head_bits", "embedding", "symmetric") if k in options}
             level = kw.setdefault("accuracy_level", DEFAULT_ACCURACY_LEVEL)
-            progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level}, lm_head {kw.get('head_bits', kw.get('bits', 4))}-bit)")
+            progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level})")
             model, info = quantize_int4(model, block_size=block_size, exclude=exclude, **kw)
             recipe = {"mode": "int4", "per_channel": False, "block_size": block_size, "accuracy_level": level, "head_bits": info["head_bits"]}
         else:
@@ -253,6 +253,16 @@ def _commit(pkg: Package, name: str, stage: Path, written: list[Path], files: li
         raise
 
 
+def _head_note(name: str, info: dict) -> str | None:
+    tied = (info.get("tied_embedding") or {}).get("shared")
+    if name == "int8":
+        return "int8 per-row table, shared with the embedding lookup" if tied else "int8, untied from the embedding"
+    if name == "int4":
+        bits = info.get("head_bits", info.get("bits"))
+        return f"{bits}-bit blocks of {info.get('block_size')}" + (", shared with the embedding lookup" if tied else "")
+    return None
+
+
 def _isa_note(name: str, info: dict) -> str | None:
     if name != "int8" or info.get("cpu_vnni") is not False or info.get("reduce_range"):
         return None
@@ -279,5 +289,6 @@ def _summary(pkg, name, entry, opt_report, info, check, timings) -> dict:
         "providers": entry["providers"],
         "note": NOTES[name],
         "isa_note": _isa_note(name, info),
+        "lm_head": _head_note(name, info),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }

@@ -161,3 +161,31 @@ def test_decoder_contract(fp32_graph):
     broken.graph.output[1].name = "present_0_key"
     with pytest.raises(QuantError, match="present.0.key"):
         check_decoder(broken)
+
+
+@pytest.mark.parametrize("head_bits", [4, 8])
+def test_int4_embedding_reads_the_lm_head_blocks(fp32_graph, head_bits):
+    """The tied embedding lookup returns exactly the rows MatMulNBits multiplies by (one table, two users)."""
+    from quant.int4 import quantize_int4
+    from quant.tied_nbits import dequantize_rows
+
+    opt, _ = optimize(copy.deepcopy(fp32_graph), N_HEAD, HIDDEN)
+    w = numpy_helper.to_array(initializers(opt)["model.lm_head.weight"])
+    q, info = quantize_int4(copy.deepcopy(opt), head_bits=head_bits, block_size=16)
+    assert info["tied_embedding"]["shared"] is True and info["tied_embedding"]["bits"] == head_bits
+    head = next(n for n in q.graph.node if "logits" in n.output)
+    table = head.input[1]
+    assert sorted(n.op_type for n in q.graph.node if table in n.input) == ["Gather", "MatMulNBits"]
+    assert "model.lm_head.weight" not in initializers(q)
+    inits = initializers(q)
+    zp = numpy_helper.to_array(inits[head.input[3]]) if len(head.input) > 3 and head.input[3] else None
+    rows = dequantize_rows(numpy_helper.to_array(inits[table]), numpy_helper.to_array(inits[head.input[2]]), zp, head_bits, HIDDEN)
+    emb_name = next(n.output[0] for n in fp32_graph.graph.node if n.op_type == "Gather" and n.input[0] == "model.lm_head.weight")
+    q.graph.output.append(helper.make_tensor_value_info(emb_name, TensorProto.FLOAT, None))
+    sess = _session(q)
+    ids = np.array([IDS[:5], [0, 1, 50256, 7, 99]], np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(5), (2, 1))}
+    feed.update({f"past_key_values.{i}.{k}": np.zeros((2, N_HEAD, 0, HEAD_DIM), np.float32) for i in range(N_LAYER) for k in ("key", "value")})
+    emb = sess.run([emb_name], feed)[0]
+    np.testing.assert_allclose(emb, rows[ids], atol=1e-6)
+    assert np.abs(emb - w[ids]).max() < (0.2 if head_bits == 4 else 0.02) * np.abs(w).max()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -20,7 +21,7 @@ def quantize_cmd(
     per_channel: bool = typer.Option(False, "--per-channel", help="int8: one scale per output column instead of per matrix."),
     block_size: int = typer.Option(32, "--block-size", help="int4: weights per quantization block (power of two >= 16)."),
     exclude: str = typer.Option("", "--exclude", help="Comma list of MatMuls to keep in float: node or weight names, a weight prefix ending in '.', or lm_head."),
-    head_bits: int = typer.Option(4, "--head-bits", help="int4: bits of the lm_head MatMulNBits (8: more accurate, ~15% slower decode)."),
+    head_bits: Optional[int] = typer.Option(None, "--head-bits", help="int4: bits of the lm_head and tied embedding table (default 8; 4 is ~15% faster, smaller, less accurate)."),
     force: bool = typer.Option(False, "--force", help="Replace the variant if the package already has it."),
 ) -> None:
     """Add a quantized variant (model_int8 / model_q4 / model_fp16) built from the package's fp32 graph."""
@@ -33,7 +34,7 @@ def quantize_cmd(
         block_size=block_size,
         exclude=[e for e in exclude.split(",") if e.strip()],
         force=force,
-        **({"head_bits": head_bits} if head_bits != 4 else {}),
+        **({"head_bits": head_bits} if head_bits is not None else {}),
         progress=lambda m: say(f"[quantize {mode}] {m}"),
     )
     s = result["summary"]
@@ -46,6 +47,8 @@ def quantize_cmd(
         say(f"  matmuls      all weight MatMuls in float16; excluded {len(s['excluded'])}")
     else:
         say(f"  matmuls      {s['quantized_matmuls']} quantized, {s['skipped_matmuls']} left float" + (f" (excluded: {', '.join(s['excluded'])})" if s["excluded"] else ""))
+    if s.get("lm_head"):
+        say(f"  lm_head      {s['lm_head']}")
     frac = s["float_weight_fraction"]
     if frac is not None:
         say(f"  float bytes  {frac * 100:.1f}% of weight bytes" + (" (float16 + float32)" if mode == "fp16" else " left in float"))
