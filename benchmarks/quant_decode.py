@@ -185,7 +185,8 @@ def extra_graphs(pkg: Path) -> dict:
 
     builders = {
         "int8-per-channel": lambda m: quantize_int8(m, per_channel=True),
-        "int4-head8": lambda m: quantize_int4(m, head_bits=8),
+        "int4-head4": lambda m: quantize_int4(m, head_bits=4),
+        "int4-head4-int8-embedding": lambda m: quantize_int4(m, head_bits=4, embedding="int8"),
         "int4-level0": lambda m: quantize_int4(m, accuracy_level=0),
         "nbits8": lambda m: quantize_int4(m, bits=8),
     }
@@ -256,17 +257,14 @@ def recipes():
     from quant.int8 import quantize_int8
 
     return {
-        "int8 per-tensor (default: shared per-row tied table)": lambda m: quantize_int8(m),
-        "int8 per-channel (shared tied table)": lambda m: quantize_int8(m, per_channel=True),
-        "int8 per-tensor, untied lm_head, fp32 embedding": lambda m: quantize_int8(m, share_embedding=False),
-        "int8 per-tensor, untied lm_head, 8-bit embedding": lambda m: quantize_int8(m, share_embedding=False, quantize_embedding=True),
+        "int8 default: per-tensor, shared per-row tied table": lambda m: quantize_int8(m),
+        "int8 --per-channel": lambda m: quantize_int8(m, per_channel=True),
+        "int8 plain: per-tensor, untied lm_head, 8-bit embedding": lambda m: quantize_int8(m, share_embedding=False, quantize_embedding=True),
         "MatMulNBits 8-bit, block 32": lambda m: quantize_int4(m, bits=8),
-        "int4 block 32, accuracy_level 4, int8 embedding (default)": lambda m: quantize_int4(m),
-        "int4 block 32, 8-bit lm_head": lambda m: quantize_int4(m, head_bits=8),
-        "int4 block 32, 4-bit embedding": lambda m: quantize_int4(m, embedding="int4"),
-        "int4 block 32, fp32 embedding": lambda m: quantize_int4(m, embedding="fp32"),
-        "int4 block 32, accuracy_level 0": lambda m: quantize_int4(m, accuracy_level=0),
-        "int4 block 128": lambda m: quantize_int4(m, block_size=128),
+        "int4 default: block 32, 8-bit lm_head shared with embedding": lambda m: quantize_int4(m),
+        "int4 --head-bits 4 (all 4-bit, shared table)": lambda m: quantize_int4(m, head_bits=4),
+        "int4 4-bit lm_head + separate int8 embedding": lambda m: quantize_int4(m, head_bits=4, embedding="int8"),
+        "int4 default with accuracy_level 0": lambda m: quantize_int4(m, accuracy_level=0),
     }
 
 

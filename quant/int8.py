@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import QuantError
-from .exclude import resolve_exclude
+from .exclude import lm_head_nodes, resolve_exclude
 from .lm_head import untie_lm_head
 from .report import describe
 from .tied_int8 import share_tied_int8
@@ -67,7 +67,8 @@ def quantize_int8(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tied = {"shared": False, "reason": "disabled"}
-    keep_head = any(e.strip() == "lm_head" for e in exclude)
+    head = lm_head_nodes(model)
+    keep_head = bool(head) and head[0] in resolve_exclude(model, exclude)  # e.g. "lm_head" or the weight's name
     if share_embedding and not keep_head:
         model, tied = share_tied_int8(model)
     model, untie = untie_lm_head(model)
