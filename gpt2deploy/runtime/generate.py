@@ -108,7 +108,6 @@ class Generation:
     def __iter__(self):
         o = self.opts
         ids, mask = left_pad(self.rows, o.pad_token_id)
-        width = ids.shape[1]
         t0 = time.perf_counter()
         stepper = self.stepper or KVStepper(self.dec, self.batch, self.capacity)
         t_alloc = time.perf_counter()

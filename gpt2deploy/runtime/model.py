@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
