@@ -143,6 +143,28 @@ def test_kv_cache_holds_the_full_recompute(model):
     assert st.ptrs[0][0] == st.sets[0][0].value.ctypes.data
 
 
+def test_public_binding_api_fallback_gives_the_same_tokens(model):
+    """Without onnxruntime's internal binding object the stepper binds through IOBinding's public methods."""
+    from gpt2deploy.runtime.kvcache import _binders
+
+    class PublicOnly:  # exposes only the documented methods
+        def __init__(self, io):
+            self.bind_input, self.bind_output = io.bind_input, io.bind_output
+
+    ids = model.encode(PROMPTS[0])
+    runs = []
+    for public in (False, True):
+        st = KVStepper(model.session, 1, len(ids) + 6)
+        if public:
+            st._bind_in, st._bind_out = _binders(PublicOnly(st.io), "cpu", 0)
+        logits, toks = st.prefill(np.array([ids]), np.ones((1, len(ids)), np.int64)), []
+        for _ in range(5):
+            toks.append(int(logits.argmax()))
+            logits = st.step(np.array([toks[-1]]))
+        runs.append(toks)
+    assert runs[0] == runs[1]
+
+
 def test_left_padded_cache_rows_match(model):
     rows = [model.encode(PROMPTS[0]), model.encode(PROMPTS[1])]
     r = model.generate_ids(rows, max_new_tokens=3)

@@ -52,8 +52,10 @@ def _binders(io, device: str, device_id: int):
         def bind_out(name, dev, dtype, shape, ptr):
             raw_out(name, devs[dev], dtype, shape, ptr)
 
+        probe = np.zeros((1, 1), dtype=np.int64)  # fails here, not mid-generation, if the layout differs
+        bind_in("input_ids", "cpu", probe.dtype, [1, 1], probe.ctypes.data)
         return bind_in, bind_out
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, TypeError):
 
         def bind_in(name, dev, dtype, shape, ptr):
             io.bind_input(name, dev, device_id if dev != "cpu" else 0, dtype, shape, ptr)
