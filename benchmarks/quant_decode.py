@@ -36,9 +36,12 @@ WORK = ROOT / "benchmarks" / ".work" / "quant"
 
 
 def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's RSS high-water mark (VmHWM; ru_maxrss would include the parent's RSS before exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _rss() -> int:
@@ -55,6 +58,8 @@ def worker_ort(path: str, threads: int, prompt: int, new: int) -> dict:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if os.environ.get("OMP_WAIT_POLICY") == "PASSIVE":  # the same passive waits for ONNX Runtime's pool
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     loaded = _rss()
     past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
