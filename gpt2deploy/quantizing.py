@@ -108,7 +108,7 @@ def quantize_package(
     progress("fused: " + (", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing"))
 
     t0 = time.perf_counter()
-    model, info, recipe = _quantize(model, mode, per_channel, block_size, exclude, options, progress, pkg.root)
+    model, info, recipe = _quantize(model, mode, per_channel, block_size, exclude, options, progress)
     timings["quantize"] = time.perf_counter() - t0
 
     dest = VARIANT_FILES[name]
@@ -128,33 +128,28 @@ def quantize_package(
     return {"variant": name, "entry": entry, "summary": summary}
 
 
-def _quantize(model, mode, per_channel, block_size, exclude, options, progress, root):
-    from quant.errors import QuantError
+def _quantize(model, mode, per_channel, block_size, exclude, options, progress):
+    if mode == "int8":
+        from quant.int8 import quantize_int8
 
-    try:
-        if mode == "int8":
-            from quant.int8 import quantize_int8
+        kw = {k: options[k] for k in ("reduce_range", "share_embedding", "quantize_embedding") if k in options}
+        progress(f"quantizing to int8 ({'per-channel' if per_channel else 'per-tensor'} weights, dynamic activations)")
+        model, info = quantize_int8(model, per_channel=per_channel, exclude=exclude, workdir=None, **kw)
+        recipe = {"mode": "int8", "per_channel": per_channel, "block_size": None, "accuracy_level": None}
+    elif mode == "int4":
+        from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
 
-            kw = {k: options[k] for k in ("reduce_range", "share_embedding", "quantize_embedding") if k in options}
-            progress(f"quantizing to int8 ({'per-channel' if per_channel else 'per-tensor'} weights, dynamic activations)")
-            model, info = quantize_int8(model, per_channel=per_channel, exclude=exclude, workdir=None, **kw)
-            recipe = {"mode": "int8", "per_channel": per_channel, "block_size": None, "accuracy_level": None}
-        elif mode == "int4":
-            from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
+        kw = {k: options[k] for k in ("accuracy_level", "bits", "head_bits", "embedding", "symmetric") if k in options}
+        level = kw.setdefault("accuracy_level", DEFAULT_ACCURACY_LEVEL)
+        progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level})")
+        model, info = quantize_int4(model, block_size=block_size, exclude=exclude, **kw)
+        recipe = {"mode": "int4", "per_channel": False, "block_size": block_size, "accuracy_level": level, "head_bits": info["head_bits"]}
+    else:
+        from quant.fp16 import convert_fp16
 
-            kw = {k: options[k] for k in ("accuracy_level", "bits", "head_bits", "embedding", "symmetric") if k in options}
-            level = kw.setdefault("accuracy_level", DEFAULT_ACCURACY_LEVEL)
-            progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level})")
-            model, info = quantize_int4(model, block_size=block_size, exclude=exclude, **kw)
-            recipe = {"mode": "int4", "per_channel": False, "block_size": block_size, "accuracy_level": level, "head_bits": info["head_bits"]}
-        else:
-            from quant.fp16 import convert_fp16
-
-            progress("converting to float16 (fp32 I/O, LayerNorm/Softmax kept in fp32)")
-            model, info = convert_fp16(model, exclude=exclude)
-            recipe = {"mode": "fp16", "per_channel": False, "block_size": None, "accuracy_level": None}
-    except QuantError:
-        raise
+        progress("converting to float16 (fp32 I/O, LayerNorm/Softmax kept in fp32)")
+        model, info = convert_fp16(model, exclude=exclude)
+        recipe = {"mode": "fp16", "per_channel": False, "block_size": None, "accuracy_level": None}
     recipe.update(
         excluded=info.get("excluded", []),
         quantized_matmuls=info.get("quantized_matmuls", 0),
