@@ -4,14 +4,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from .errors import QuantError
+
+if TYPE_CHECKING:  # onnx is imported lazily at run time
+    import onnx
 
 #: Serialized protobufs are limited to 2 GiB; above this the weights go to an external ``.data`` file.
 PROTOBUF_LIMIT = 2_000_000_000
 
-ModelLike = Union["onnx.ModelProto", str, os.PathLike]  # noqa: F821
+ModelLike = Union["onnx.ModelProto", str, os.PathLike]
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")

@@ -14,7 +14,6 @@ from .graph import consumers, initializers, producers
 
 def untie_lm_head(model) -> tuple:
     """Rewrite every ``MatMul(x, Transpose(W))`` with a 2-D initializer W; return ``(model, info)``."""
-    import onnx
     from onnx import numpy_helper
 
     inits, prods, uses = initializers(model), producers(model), consumers(model)
