@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,12 +74,13 @@ class Peer:
             return {"event": "error", "error": f"worker exited with code {self.proc.returncode} (see {self.log.name})"}
         return json.loads(line)
 
-    def run(self) -> None:
+    def run(self, round_index: int) -> None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         msg = self.ask("run")
         if msg.get("event") != "run":
             self.fail(msg.get("error", "run failed"))
             return
-        self.runs.append(msg)
+        self.runs.append({**msg, "round": round_index, "load1": load})
 
     def measure_curve(self, positions: list[int], prompts: list[list[int]], steps: int, repeat: int = 1) -> None:
         msg = self.ask("curve " + json.dumps({"positions": positions, "prompts": prompts, "steps": steps, "repeat": repeat}))

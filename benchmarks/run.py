@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                 if not p.available:
                     continue
                 time.sleep(a.gap)
-                p.run()
+                p.run(r)
                 if p.available:
                     last = p.runs[-1]
                     say(f"round {r + 1}/{a.repeat} {p.key}: decode {last['decode_tok_s']:.1f} tok/s, TTFT {last['ttft_ms']:.1f} ms")

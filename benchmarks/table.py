@@ -30,23 +30,40 @@ def summarize_peer(peer) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed ratios vs transformers (higher is faster): decode and end-to-end tok/s, TTFT; RSS ratio."""
+    """Ratios vs transformers: speed (higher is faster) for decode, end-to-end and TTFT; peak RSS.
+
+    Speed ratios are paired: in each round every engine ran back to back, so the ratio of an engine's run to
+    transformers' run of the same round shares the machine's load at that moment; the median over rounds is
+    reported (``vs_transformers``). Ratios of the overall medians are kept too (``vs_transformers_of_medians``).
+    """
     base = next((r for r in rows if r["key"] == BASELINE and "unavailable" not in r), None)
     if base is None:
         return
+    base_runs = {run["round"]: run for run in base.get("runs", [])}
     for r in rows:
         if "unavailable" in r:
             continue
-        ratios = {}
+        paired: dict[str, list[float]] = {"decode": [], "e2e": [], "ttft_speedup": []}
+        for run in r.get("runs", []):
+            b = base_runs.get(run["round"])
+            if b is None:
+                continue
+            if run.get("decode_tok_s") and b.get("decode_tok_s"):
+                paired["decode"].append(run["decode_tok_s"] / b["decode_tok_s"])
+            paired["e2e"].append(run["e2e_tok_s"] / b["e2e_tok_s"])
+            paired["ttft_speedup"].append(b["ttft_ms"] / run["ttft_ms"])
+        ratios = {k: statistics.median(v) for k, v in paired.items() if v}
+        of_medians = {}
         if "decode_tok_s" in r and "decode_tok_s" in base:
-            ratios["decode"] = r["decode_tok_s"]["median"] / base["decode_tok_s"]["median"]
+            of_medians["decode"] = r["decode_tok_s"]["median"] / base["decode_tok_s"]["median"]
         if "e2e_tok_s" in r and "e2e_tok_s" in base:
-            ratios["e2e"] = r["e2e_tok_s"]["median"] / base["e2e_tok_s"]["median"]
+            of_medians["e2e"] = r["e2e_tok_s"]["median"] / base["e2e_tok_s"]["median"]
         if "ttft_ms" in r and "ttft_ms" in base:
-            ratios["ttft_speedup"] = base["ttft_ms"]["median"] / r["ttft_ms"]["median"]
+            of_medians["ttft_speedup"] = base["ttft_ms"]["median"] / r["ttft_ms"]["median"]
         if r.get("memory", {}).get("peak_rss_mb") and base.get("memory", {}).get("peak_rss_mb"):
-            ratios["peak_rss"] = r["memory"]["peak_rss_mb"] / base["memory"]["peak_rss_mb"]
+            ratios["peak_rss"] = of_medians["peak_rss"] = r["memory"]["peak_rss_mb"] / base["memory"]["peak_rss_mb"]
         r["vs_transformers"] = ratios
+        r["vs_transformers_of_medians"] = of_medians
 
 
 def _m(summary: dict | None, digits: int = 1) -> str:
@@ -59,13 +76,23 @@ def _x(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
+def _load_note(result: dict) -> str:
+    loads = [run["load1"] for r in result["engines"] for run in r.get("runs", []) if run.get("load1") is not None]
+    cpus = result.get("machine", {}).get("cpus")
+    if not loads or not cpus:
+        return ""
+    return (f" Machine load (1-min average) during the timed runs: median {statistics.median(loads):.1f}, "
+            f"max {max(loads):.1f} on {cpus} CPUs.")
+
+
 def markdown(result: dict) -> str:
     w = result["workload"]
     lines = [
         f"Workload: {w['shape']}, batch 1, {w['prompt_tokens']}-token prompt + {w['new_tokens']} greedy new tokens, "
         f"{w['threads']} threads, CPU; {w['repeat']} runs per engine in alternating order after 1 warm-up; "
-        "median (min-max). Ratios are versus transformers `generate()` fp32 measured in the same run "
-        "(speed: higher is faster; RSS: lower is smaller).",
+        "median (min-max). Ratios are versus transformers `generate()` fp32 in the same run: speed ratios are the "
+        "median over rounds of the ratio to transformers' run of the same round (higher is faster); RSS: lower is "
+        "smaller." + _load_note(result),
         "",
         "| engine | model MB | TTFT ms | decode tok/s | end-to-end tok/s | peak RSS MB | decode vs HF | e2e vs HF | TTFT speedup vs HF | RSS vs HF |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
