@@ -82,7 +82,7 @@ def _load_note(result: dict) -> str:
     if not loads or not cpus:
         return ""
     return (f" Machine load (1-min average) during the timed runs: median {statistics.median(loads):.1f}, "
-            f"max {max(loads):.1f} on {cpus} CPUs.")
+            f"max {max(loads):.1f} on {cpus} CPUs (the benchmark itself adds up to its thread count).")
 
 
 def markdown(result: dict) -> str:
