@@ -93,6 +93,7 @@ class KVStepper:
         self.pos = np.zeros((batch, 1), dtype=np.int64)
         self.io = dec.session.io_binding()
         self.length = 0
+        self.prefill_length = 0
         self.cur = 0
         self.run_seconds = 0.0  # time spent inside session.run for decode steps
         self._bind_in, self._bind_out = _binders(self.io, self.device, self.device_id)
@@ -142,6 +143,7 @@ class KVStepper:
         self._bind_out("logits", "cpu", logits.dtype, list(logits.shape), logits.ctypes.data)
         self.dec.session.run_with_iobinding(self.io)
         self.cur, self.length = 1, seq
+        self.prefill_length = seq
         self.pos[:, 0] = pos[:, -1]
         self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
         return logits[:, -1, :].astype(np.float32, copy=True)
@@ -157,10 +159,11 @@ class KVStepper:
         if self.batch > 1:
             mask = np.ascontiguousarray(mask)
         self._mask_ref = mask
-        # Host inputs are bound again every step: binding copies them to the device when the session's
-        # is not the CPU, so an in-place update after binding would not reach it.
-        self._bind_host("input_ids", self.ids)
-        self._bind_host("position_ids", self.pos)
+        if self.device != "cpu" or n == self.prefill_length:
+            # Binding copies host inputs to a non-CPU device right away, so there they are bound again every
+            # step; on the CPU the binding points at ids/pos, updated in place above.
+            self._bind_host("input_ids", self.ids)
+            self._bind_host("position_ids", self.pos)
         self._bind_host("attention_mask", mask)
         dst = self._bind_cache(n)
         self._bind_present(dst, n + 1)
