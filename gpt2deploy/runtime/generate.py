@@ -114,21 +114,24 @@ class Generation:
         logits = stepper.prefill(ids, mask)
         rng = np.random.default_rng(o.seed) if o.do_sample else None
         seen = SeenTokens(self.rows, self.dec.dims.vocab_size, self.capacity) if o.repetition_penalty != 1.0 else None
-        eos = np.array(o.eos_ids, dtype=np.int64)
+        is_eos = np.zeros(self.dec.dims.vocab_size, dtype=bool)
+        is_eos[[t for t in o.eos_ids if 0 <= t < is_eos.shape[0]]] = True
+        check_eos = bool(is_eos.any())
         pad = np.int64(o.pad_token_id)
         steps = 0
         paused = 0.0  # time the caller spent between steps (decoding text, printing): not generation time
         t_prefill = t_first = None
         for produced in range(o.max_new_tokens):
             nxt = choose(logits, o, rng, seen)
-            nxt[~self.active] = pad
             took = self.active.copy()
+            if not took.all():
+                nxt[~took] = pad
             for r in np.flatnonzero(took):
                 self.tokens[r].append(int(nxt[r]))
                 if seen is not None:
                     seen.add(r, int(nxt[r]))
-            if eos.size:
-                for r in np.flatnonzero(took & np.isin(nxt, eos)):
+            if check_eos:
+                for r in np.flatnonzero(took & is_eos[nxt]):
                     self.finish(int(r), "eos")
             if produced + 1 == o.max_new_tokens:
                 for r in np.flatnonzero(self.active):
