@@ -2,8 +2,8 @@
 
 CPU: the fastest variant present that did not fail its accuracy gate. The order comes from decode
 speed measured on a GPT-2-small-shaped package, batch 1, 2 threads, same run
-(``benchmarks/runtime_decode.py --variants int4,int8,fp32``): int4 (MatMulNBits) ~1.4x int8 (dynamic
-quantized MatMuls), which is ~3x fp32 (4.8, 6.7 and 20.4 ms per decode step). fp16 is never picked on CPU: the CPU execution provider runs it
+(``benchmarks/runtime_decode.py --variants int4,int8,fp32``, ``benchmarks/quant_decode.py --recipes``):
+int4 (MatMulNBits) is 1.2-1.4x int8 (dynamic quantized MatMuls), which is ~3x fp32. fp16 is never picked on CPU: the CPU execution provider runs it
 slower than fp32.
 CUDA: fp16 when present and not failed, else fp32 (then int4, int8 as a last resort).
 """
