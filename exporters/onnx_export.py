@@ -138,7 +138,7 @@ def export_onnx(model, onnx_path: str | Path, opset: int = DEFAULT_OPSET) -> dic
     )
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    n_params = sum(t.numel() for t in model.state_dict().values())
+    n_params = sum(p.numel() for p in model.parameters())  # tied embedding/lm_head counted once
     external = n_params * 4 > PROTOBUF_LIMIT
     try:
         with _quiet(), torch.no_grad():

@@ -49,8 +49,9 @@ def test_graph_io_contract_and_tied_weight_stored_once(tiny_package):
     # The embedding (50257 x 64) appears once; the lm_head reuses it.
     big = [i for i in m.graph.initializer if 50257 in i.dims]
     assert len(big) == 1
-    n_params = sum(int(np.prod(i.dims)) for i in m.graph.initializer)
-    assert n_params <= Package.open(tiny_package).manifest["source"]["n_params"]
+    in_graph = sum(int(np.prod(i.dims)) for i in m.graph.initializer)
+    n_params = Package.open(tiny_package).manifest["source"]["n_params"]  # unique parameters
+    assert 0.99 * n_params <= in_graph <= n_params + 1024  # + a few small constants
 
 
 def _ort_step(sess, n_layer, ids, mask, pos, past):
