@@ -90,13 +90,26 @@ class Peer:
             self.curve = None
             self.info["curve_error"] = msg.get("error", "curve failed")
 
+    def record_memory(self) -> None:
+        """Peak RSS of the timed workload (asked before the long-context curve, whose long prompts use more)."""
+        if self.proc is None or not self.available:
+            return
+        msg = self.ask("memory")
+        if msg.get("event") == "memory":
+            self.memory = {k: msg[k] for k in ("peak_rss_mb", "rss_mb")}
+
     def stop(self) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
             msg = self.ask("quit")
             if msg.get("event") == "bye":
-                self.memory = {k: msg[k] for k in ("peak_rss_mb", "rss_mb")}
+                key = "with_long_context" if self.memory else None
+                final = {k: msg[k] for k in ("peak_rss_mb", "rss_mb")}
+                if key:
+                    self.memory[key] = final
+                else:
+                    self.memory = final
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

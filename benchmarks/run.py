@@ -137,6 +137,8 @@ def main(argv=None) -> int:
                     say(f"round {r + 1}/{a.repeat} {p.key}: decode {last['decode_tok_s']:.1f} tok/s, TTFT {last['ttft_ms']:.1f} ms")
                 else:
                     say(f"round {r + 1}/{a.repeat} {p.key}: failed: {p.reason}")
+        for p in peers:
+            p.record_memory()
         if not a.no_curve:
             positions = curve_positions(n_ctx, a.curve_steps, a.curve_points)
             prompts = [synthetic_prompts(1, pos, vocab, seed=1 + i, avoid=avoid)[0] for i, pos in enumerate(positions)]

@@ -92,7 +92,8 @@ def markdown(result: dict) -> str:
         f"{w['threads']} threads, CPU; {w['repeat']} runs per engine in alternating order after 1 warm-up; "
         "median (min-max). Ratios are versus transformers `generate()` fp32 in the same run: speed ratios are the "
         "median over rounds of the ratio to transformers' run of the same round (higher is faster); RSS: lower is "
-        "smaller." + _load_note(result),
+        "smaller. Peak RSS is the engine process's peak (load included) over the timed workload, before the "
+        "long-context curve." + _load_note(result),
         "",
         "| engine | model MB | TTFT ms | decode tok/s | end-to-end tok/s | peak RSS MB | decode vs HF | e2e vs HF | TTFT speedup vs HF | RSS vs HF |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -5,7 +5,7 @@
 
 It loads the engine, warms up, prints {"event": "ready", ...}, then answers commands read from stdin:
 ``run`` (one timed generation), ``curve <json positions/steps/prompts>`` (decode speed after prompts of
-growing length) and ``quit`` (prints the process's peak and current RSS). Anything the libraries print goes
+growing length), ``memory`` (the process's peak and current RSS so far) and ``quit`` (the same, then exit). Anything the libraries print goes
 to stderr so stdout carries only the protocol.
 """
 from __future__ import annotations
@@ -95,6 +95,8 @@ def main() -> None:
                     points.append({"position": p, "end": p + req["steps"], "decode_tok_s": r["decode_tok_s"],
                                    "prefill_ms": r["ttft_ms"]})
                 send({"event": "curve", "points": points})
+            elif cmd == "memory":
+                send({"event": "memory", **memory()})
             elif cmd == "quit":
                 send({"event": "bye", **memory()})
                 return
