@@ -51,6 +51,28 @@ def command(fn):
     return wrapper
 
 
+def output_file(path, flag: str, suffix: str | None = None, allow_stdout: bool = False):
+    """Validate a file path given to an output option before any work is done; '-' is stdout when allowed."""
+    import os
+    from pathlib import Path
+
+    from ..errors import UsageError
+
+    path = Path(path)
+    if allow_stdout and str(path) == "-":
+        return path
+    path = path.expanduser().absolute()
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; pass a file path")
+    if suffix and path.suffix.lower() != suffix:
+        raise UsageError(f"{flag} {path} must end with {suffix}")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {path.parent} does not exist; create it or choose another path")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write to {path.parent}; choose a directory you can write")
+    return path
+
+
 def say(message: str) -> None:
     """Progress and summaries go to stderr so stdout stays for results (text, JSON)."""
     typer.echo(message, err=True)

@@ -2,30 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .app import app, command, say
-
-
-def _check_output_file(path: Path, flag: str, suffix: str | None = None) -> Path:
-    from ..errors import UsageError
-
-    if str(path) == "-" and flag == "--json":
-        return path
-    path = path.absolute()
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory; pass a file path")
-    if suffix and path.suffix.lower() != suffix:
-        raise UsageError(f"{flag} {path} must end with {suffix}")
-    if not path.parent.is_dir():
-        raise UsageError(f"{flag}: directory {path.parent} does not exist; create it first")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag}: cannot write to {path.parent}; choose a directory you can write")
-    return path
+from .app import app, command, output_file, say
 
 
 @app.command("bench")
@@ -66,11 +48,11 @@ def bench_cmd(
     )
     config.validate()
     if json_out is not None:
-        json_out = _check_output_file(json_out, "--json")
+        json_out = output_file(json_out, "--json", allow_stdout=True)
     if plot is not None:
         if not long_context:
             raise UsageError("--plot draws the long-context curve; drop --no-long-context")
-        plot = _check_output_file(plot, "--plot", ".png")
+        plot = output_file(plot, "--plot", ".png")
         require_matplotlib()
 
     report = bench_package(package, config, all_variants=all_variants, progress=say)

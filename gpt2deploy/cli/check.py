@@ -1,7 +1,6 @@
 """`gpt2deploy check PACKAGE`: accuracy gates of package variants against a reference, on real text."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -9,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import app, command, say
+from .app import app, command, output_file, say
 
 
 class ProgressBar:
@@ -40,19 +39,6 @@ class ProgressBar:
             self.stream.flush()
 
 
-def _check_json_out(path: Path) -> Path:
-    from ..errors import UsageError
-
-    path = path.expanduser().absolute()
-    if path.is_dir():
-        raise UsageError(f"--json {path} is a directory; pass a file path for the report")
-    if not path.parent.is_dir():
-        raise UsageError(f"--json {path}: directory {path.parent} does not exist; create it or choose another path")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--json {path}: cannot write to {path.parent}; choose a writable path")
-    return path
-
-
 @app.command("check")
 @command
 def check_cmd(
@@ -78,7 +64,7 @@ def check_cmd(
         raise UsageError("pass either --variant or --all, not both")
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be a positive integer (got {max_tokens})")
-    out = _check_json_out(json_out) if json_out is not None else None
+    out = output_file(json_out, "--json") if json_out is not None else None
     variants = [n.strip() for v in variant or () for n in v.split(",") if n.strip()] or None
     if all_variants:
         from ..package import Package
