@@ -54,6 +54,11 @@ def _generation_defaults(ckpt_dir: Path, dims: dict) -> dict:
     return out
 
 
+#: Where each form of the fp32 graph runs. The optimized graph's GroupQueryAttention takes the padding mask
+#: as a bias, which ONNX Runtime's CUDA kernel rejects; the portable graph is plain ONNX.
+FP32_PROVIDERS = {True: ["CPUExecutionProvider"], False: ["CPUExecutionProvider", "CUDAExecutionProvider"]}
+
+
 def export_package(
     model: str,
     out: str | Path,
@@ -61,8 +66,16 @@ def export_package(
     force: bool = False,
     atol: float | None = None,
     progress: Progress = lambda msg: None,
+    optimize: bool = True,
 ) -> ExportResult:
-    """Export ``model`` to a package at ``out`` (written to a temp dir, renamed at the end). Timings are returned, not recorded: the manifest stays deterministic."""
+    """Export ``model`` to a package at ``out`` (written to a temp dir, renamed at the end).
+
+    With ``optimize`` (the default) the fp32 graph is the CPU-optimized one: ONNX Runtime's fusions and
+    one GroupQueryAttention per layer, which takes an in-place KV buffer (``kv_cache: "shared"``).
+    ``optimize=False`` keeps the exporter's plain ONNX graph (any runtime, CUDA). Parity with PyTorch is
+    proven on the graph that is written. Timings are returned, not recorded: the manifest stays
+    deterministic.
+    """
     import exporters
 
     opset = exporters.DEFAULT_OPSET if opset is None else opset
@@ -76,6 +89,10 @@ def export_package(
         progress(f"exporting {dims['n_layer']} layers x {dims['hidden_size']} hidden (opset {opset})")
         t0 = time.perf_counter()
         meta = exporters.export_onnx(torch_model, tmp / VARIANT_FILES["fp32"], opset=opset)
+        fused, kv_cache = {}, "concat"
+        if optimize:
+            progress("optimizing the fp32 graph for CPU (fusions, GroupQueryAttention)")
+            fused, kv_cache, meta["external_data"] = _optimize_fp32(tmp / VARIANT_FILES["fp32"], dims, meta["external_data"], progress)
         export_seconds = time.perf_counter() - t0
         for name in (*CONFIG_FILES, *TOKENIZER_FILES):
             src = ckpt.path / name
@@ -116,14 +133,33 @@ def export_package(
                     fp32_files,
                     precision="fp32",
                     opset=opset,
-                    recipe={"exporter": "torch.onnx.export(dynamo=True)", "optimize": True},
-                    providers=["CPUExecutionProvider", "CUDAExecutionProvider"],
+                    recipe={"exporter": "torch.onnx.export(dynamo=True)", "optimize": optimize, "fused": fused},
+                    providers=FP32_PROVIDERS[optimize],
                     parity=parity,
+                    kv_cache=kv_cache,
                 )
             },
         }
         save_manifest(tmp, manifest)
     return ExportResult(out, manifest, export_seconds, parity_seconds)
+
+
+def _optimize_fp32(path: Path, dims: dict, external: bool, progress: Progress) -> tuple[dict, str, bool]:
+    """Rewrite the exported graph at ``path`` with ``quant.optimize``; returns (fused ops, kv_cache, external data?)."""
+    import quant.graph as qgraph
+    from quant.errors import QuantError
+    from quant.optimize import optimize
+
+    from .errors import PackageError
+
+    try:
+        model, report = optimize(qgraph.load(path), dims["n_head"], dims["hidden_size"], progress=progress)
+    except QuantError as e:
+        raise PackageError(f"optimizing the exported graph failed ({e}); export with --portable to keep the plain graph") from None
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    written = qgraph.save(model, path, external=True if external else None)
+    return report["fused"], report["kv_cache"], len(written) > 1
 
 
 def _write_fast_tokenizer(ckpt_dir: Path, out: Path) -> None:

@@ -30,6 +30,12 @@ VARIANT_FILES = {
     "fp16": "onnx/model_fp16.onnx",
 }
 
+#: A variant's ``kv_cache``: "concat" (absent means this too) takes past [batch, heads, P, head_dim] and
+#: returns present [batch, heads, P + S, head_dim], the plain contract. "shared" graphs follow that
+#: contract too and also accept one buffer [batch, heads, capacity, head_dim] bound as both past and
+#: present: the valid length is the attention_mask width, and the new keys/values are written in place.
+KV_CACHE_MODES = ("concat", "shared")
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 CONFIG_FILES = ("config.json", "generation_config.json")
 

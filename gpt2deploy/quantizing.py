@@ -28,6 +28,12 @@ PROVIDERS = {
     "int4": ["CPUExecutionProvider", "CUDAExecutionProvider"],
     "fp16": ["CUDAExecutionProvider"],
 }
+#: The attention op each mode's graph gets by default ("gqa" or "mha", option ``attention``).
+#: GroupQueryAttention takes an in-place KV buffer and is the fastest on CPU, but ONNX Runtime's CUDA
+#: kernel rejects the padding-mask bias it is given, so it makes a CPU-only variant; MultiHeadAttention
+#: runs on both. The CUDA fp16 variant therefore uses MHA; ``attention="mha"`` makes a CUDA-capable int4.
+ATTENTION = {"int8": "gqa", "int4": "gqa", "fp16": "mha"}
+ATTENTION_OPS = {"gqa": "GroupQueryAttention", "mha": "MultiHeadAttention"}
 NOTES = {
     "int8": "CPU variant: int8 weights, uint8 activations quantized per call (DynamicQuantizeMatMul)",
     "int4": "CPU and CUDA variant: 4-bit block weights (MatMulNBits, lm_head/embedding table in recipe.head_bits), float activations",
@@ -42,7 +48,7 @@ SAMPLE_TEXT = (
     "the old shipping records were kept before the railway arrived in 1872."
 )
 SAMPLE_TOKENS = 64
-OPTIONS = {"accuracy_level", "bits", "head_bits", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
+OPTIONS = {"attention", "accuracy_level", "bits", "head_bits", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
 
 
 def quantize_package(
@@ -76,6 +82,9 @@ def quantize_package(
         raise UsageError(f"--head-bits applies to int4 only; drop it for {mode}")
     if options.get("head_bits", 4) not in (4, 8):
         raise UsageError(f"--head-bits must be 4 or 8 (got {options['head_bits']})")
+    attention = options.pop("attention", None) or ATTENTION.get(mode, "gqa")
+    if attention not in ATTENTION_OPS:
+        raise UsageError(f"unknown attention '{attention}'; choose gqa (CPU, in-place KV cache) or mha (CPU and CUDA)")
     unknown = set(options) - OPTIONS
     if unknown:
         raise UsageError(f"unknown quantize option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(OPTIONS))}")
@@ -102,13 +111,14 @@ def quantize_package(
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model, opt_report = optimize(model, pkg.dims.n_head, pkg.dims.hidden_size, progress=progress)
+    model, opt_report = optimize(model, pkg.dims.n_head, pkg.dims.hidden_size, progress=progress, attention_op=ATTENTION_OPS[attention])
     timings["optimize"] = time.perf_counter() - t0
     fused = opt_report["fused"]
     progress("fused: " + (", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing"))
 
     t0 = time.perf_counter()
     model, info, recipe = _quantize(model, mode, per_channel, block_size, exclude, options, progress)
+    recipe["attention"] = attention
     timings["quantize"] = time.perf_counter() - t0
 
     dest = VARIANT_FILES[name]
@@ -123,7 +133,8 @@ def quantize_package(
         check = _sample_check(pkg, written[0], fp32_path, name)
         timings["check"] = time.perf_counter() - t0
         files = [str(Path(dest).parent / p.name) for p in written]
-        entry = _commit(pkg, name, stage, written, files, recipe_for=lambda: _entry(pkg, name, files, recipe, fused, info, check))
+        kv_cache = opt_report["kv_cache"]
+        entry = _commit(pkg, name, stage, written, files, recipe_for=lambda: _entry(pkg, name, files, recipe, fused, info, check, kv_cache))
     summary = _summary(pkg, name, entry, opt_report, info, check, timings)
     return {"variant": name, "entry": entry, "summary": summary}
 
@@ -188,7 +199,20 @@ def _sample_check(pkg: Package, graph: Path, fp32_path: Path, name: str) -> dict
     return result
 
 
-def _entry(pkg, name, files, recipe, fused, info, check) -> dict:
+def providers_for(name: str, kv_cache: str) -> list[str]:
+    """The mode's providers, less CUDA for a GroupQueryAttention graph (in-place KV cache, CPU only)."""
+    if kv_cache == "shared":
+        return [p for p in PROVIDERS[name] if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
+    return list(PROVIDERS[name])
+
+
+def note_for(name: str, kv_cache: str) -> str:
+    if kv_cache == "shared" and "CUDAExecutionProvider" in PROVIDERS[name]:
+        return NOTES[name].replace("CPU and CUDA variant", "CPU variant (in-place KV cache; quantize with --attention mha for CUDA)")
+    return NOTES[name]
+
+
+def _entry(pkg, name, files, recipe, fused, info, check, kv_cache="concat") -> dict:
     import onnx
 
     from quant.graph import opset
@@ -204,9 +228,10 @@ def _entry(pkg, name, files, recipe, fused, info, check) -> dict:
         precision=PRECISION[name],
         opset=opset(header),
         recipe=recipe,
-        providers=PROVIDERS[name],
+        providers=providers_for(name, kv_cache),
         sample_check=check,
-        note=NOTES[name],
+        note=note_for(name, kv_cache),
+        kv_cache=kv_cache,
     )
 
 
@@ -276,13 +301,14 @@ def _summary(pkg, name, entry, opt_report, info, check, timings) -> dict:
         "size_after": entry["size"],
         "size_ratio": round(entry["size"] / fp32_size, 4) if fp32_size else None,
         "fused": opt_report["fused"],
+        "kv_cache": opt_report["kv_cache"],
         "quantized_matmuls": info.get("quantized_matmuls", 0),
         "skipped_matmuls": info.get("skipped_matmuls", 0),
         "excluded": info.get("excluded", []),
         "float_weight_fraction": info.get("float_weight_fraction"),
         "sample_check": check,
         "providers": entry["providers"],
-        "note": NOTES[name],
+        "note": entry["note"],
         "isa_note": _isa_note(name, info),
         "lm_head": _head_note(name, info),
         "seconds": {k: round(v, 2) for k, v in timings.items()},

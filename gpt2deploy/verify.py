@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import PackageError
-from .manifest import MANIFEST_NAME, load_manifest
+from .manifest import KV_CACHE_MODES, MANIFEST_NAME, load_manifest
 from .package import Package
 
 GRAPH_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data")
@@ -111,6 +111,9 @@ def _well_formed_variants(manifest: dict) -> tuple[list[str], list[str]]:
         paths = [e["path"] for e in v["files"]]
         if v.get("file") not in paths:
             problems.append(f"variant {name}: its graph file {v.get('file')!r} is not among its listed files; rebuild the package")
+            continue
+        if v.get("kv_cache", "concat") not in KV_CACHE_MODES:
+            problems.append(f"variant {name}: unknown kv_cache {v.get('kv_cache')!r} (known: {', '.join(KV_CACHE_MODES)}); rebuild the package")
             continue
         if v.get("size") != sum(e["size"] for e in v["files"]):
             problems.append(f"variant {name}: recorded size {v.get('size')} is not the sum of its files; rebuild the package")

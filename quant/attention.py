@@ -10,8 +10,14 @@ The additive mask the graph already builds from ``attention_mask`` (causal and l
 as ``attention_bias``, so masking semantics are the graph's own; only its fill value for masked
 scores is raised to -10000 so it stays finite in float16 (see ``MASK_FILL``).
 
-``GroupQueryAttention`` is available as an alternative target (``op=``); its extra inputs
-(``seqlens_k``, ``total_sequence_length``) are computed inside the graph from ``attention_mask``.
+``GroupQueryAttention`` (``op=GQA``) also lets the KV cache live in one buffer per tensor that is both
+``past`` and ``present`` (``kv_cache="shared"`` in the report): its extra inputs (``seqlens_k``,
+``total_sequence_length``) are computed inside the graph from ``attention_mask``, and every other use of
+the past length (the exporter reads it from the past tensors' shape) is rewritten to
+``attention_mask`` width - ``input_ids`` width. The graph then still follows the plain contract (past of
+length P, present of length P + S) and also accepts a past buffer of any capacity >= P + S bound to the
+same memory as its present: the new positions are written in place and nothing is copied or
+concatenated per step.
 
 Every layer is matched completely before anything is rewritten; a layer that does not match is left
 as it is and reported.
@@ -367,11 +373,16 @@ def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
     seqlens_k is total - 1 for each row, total_sequence_length is the mask's length and
     query_seqlens (which lets a batch run multi-token steps with past) is the step length.
     """
+    n = lambda s: f"{prefix}_{s}"  # noqa: E731
+    if any(n("seqlens_k") in node.output for node in graph.node):
+        return n("seqlens_k"), n("total"), n("query_seqlens")
+    have = {i.name for i in graph.initializer}
+
     def const(name, arr):
-        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{prefix}_{name}"))
+        if f"{prefix}_{name}" not in have:
+            graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{prefix}_{name}"))
         return f"{prefix}_{name}"
 
-    n = lambda s: f"{prefix}_{s}"  # noqa: E731
     nodes = [
         helper.make_node("Shape", ["attention_mask"], [n("mask_shape")]),
         helper.make_node("Gather", [n("mask_shape"), const("idx1", np.int64(1))], [n("total64")], axis=0),
@@ -387,6 +398,50 @@ def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
         node.name = f"{prefix}_node{i}"
         graph.node.insert(i, node)
     return n("seqlens_k"), n("total"), n("query_seqlens")
+
+
+def _past_length_from_mask(graph: onnx.GraphProto, past: set[str], fused: set[str], prefix: str) -> str:
+    """Make the past length come from the mask, not from the past tensors' shape; "" or the reason it can't.
+
+    Shape(past)[2:3] becomes Shape(attention_mask)[1:2] - Shape(input_ids)[1:2]; slices of other axes
+    (batch, heads, head size) are the same for a capacity buffer and stay. Any other reader of a past
+    tensor outside the fused attention nodes means the buffer can not be shared.
+    """
+    rewrites = []
+    for node in graph.node:
+        used = [x for x in node.input if x in past]
+        if not used or node.name in fused:
+            continue
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+            return f"{used[0]} is read by {node.op_type} {node.name}"
+        start, end = attr(node, "start", 0), attr(node, "end", None)
+        start = start + 4 if start < 0 else start
+        end = 4 if end is None else (end + 4 if end < 0 else min(end, 4))
+        if end <= 2 or start >= 3:
+            continue
+        if (start, end) != (2, 3):
+            return f"{node.name} reads a shape range of {used[0]} that includes its length"
+        if node.output[0] in {o.name for o in graph.output}:
+            return f"{node.output[0]} is a graph output"
+        rewrites.append(node)
+    if not rewrites:
+        return ""
+    length = f"{prefix}_past_length"
+    new = [
+        helper.make_node("Shape", ["attention_mask"], [f"{prefix}_mask_len"], start=1, end=2, name=f"{prefix}_mask_len"),
+        helper.make_node("Shape", ["input_ids"], [f"{prefix}_step_len"], start=1, end=2, name=f"{prefix}_step_len"),
+        helper.make_node("Sub", [f"{prefix}_mask_len", f"{prefix}_step_len"], [length], name=f"{prefix}_past_length"),
+    ]
+    for node in rewrites:
+        out = node.output[0]
+        for other in graph.node:
+            for k, x in enumerate(other.input):
+                if x == out:
+                    other.input[k] = length
+        graph.node.remove(node)
+    for k, node in enumerate(new):
+        graph.node.insert(k, node)
+    return ""
 
 
 def _attention_node(m: LayerMatch, op: str, num_heads: int, out: str, bias: str, lengths: tuple[str, str, str] | None, i: int) -> onnx.NodeProto:
@@ -419,6 +474,99 @@ def _rewire_output(graph: onnx.GraphProto, index: GraphIndex, m: LayerMatch, fus
     return [helper.make_node("Reshape", [fused_out, shape], [t_out], name=f"fused_attention_{i}_heads")]
 
 
+def _shared_kv(graph: onnx.GraphProto, matches: list[LayerMatch], n_layers: int) -> tuple[str, str]:
+    """("shared", "") when every layer's KV may live in one in-place buffer, else ("concat", why not)."""
+    if len(matches) != n_layers:
+        return "concat", f"{n_layers - len(matches)} of {n_layers} attention layers are not fused"
+    past = {x for m in matches for x in (m.past_key, m.past_value)}
+    inputs = {i.name for i in graph.input}
+    if not past <= inputs:
+        return "concat", "the past KV of some layer is not a graph input"
+    fused = {f"fused_attention_{i}" for i in range(len(matches))}
+    reason = _past_length_from_mask(graph, past, fused, "fused_attention_lengths")
+    if reason:
+        return "concat", reason
+    outputs = {o.name for o in graph.output}
+    presents = {x for m in matches for x in (m.present_key, m.present_value)}
+    if not presents <= outputs:
+        return "concat", "the present KV of some layer is not a graph output"
+    return "shared", ""
+
+
+def kv_cache_mode(model: onnx.ModelProto) -> str:
+    """"shared" when every past KV input is read only by GroupQueryAttention (and shape reads of axes
+    other than the length) and every present is a GroupQueryAttention output, else "concat"."""
+    graph = model.graph
+    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    presents = {o.name for o in graph.output if o.name.startswith("present.")}
+    if not past or len(past) != len(presents):
+        return "concat"
+    produced = {}
+    for node in graph.node:
+        for o in node.output:
+            produced[o] = node
+        for x in node.input:
+            if x not in past:
+                continue
+            if node.op_type == GQA and node.domain == MS_DOMAIN:
+                continue
+            if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+                start, end = attr(node, "start", 0), attr(node, "end", None)
+                start = start + 4 if start < 0 else start
+                end = 4 if end is None else (end + 4 if end < 0 else min(end, 4))
+                if end <= 2 or start >= 3:
+                    continue
+            return "concat"
+    ok = all(p in produced and produced[p].op_type == GQA and produced[p].domain == MS_DOMAIN for p in presents)
+    return "shared" if ok else "concat"
+
+
+def retarget(model: onnx.ModelProto, op: str) -> tuple[onnx.ModelProto, int]:
+    """Swap already-fused attention nodes to ``op`` (GroupQueryAttention <-> MultiHeadAttention).
+
+    Both read the same Q/K/V, past KV and additive mask bias, so the swap is exact. Going to
+    MultiHeadAttention gives a graph for providers whose GroupQueryAttention kernel takes no bias
+    (CUDA); the past length stays derived from the mask, which the plain contract satisfies.
+    Returns (model, number of nodes swapped); the input is not modified.
+    """
+    if op not in OPS:
+        raise QuantError(f"unknown attention op {op!r}; use one of {', '.join(OPS)}")
+    other = GQA if op == MHA else MHA
+    todo = [n for n in model.graph.node if n.op_type == other and n.domain == MS_DOMAIN and n.name.startswith("fused_attention_")]
+    if not todo:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    lengths = None
+    for k, node in enumerate(list(graph.node)):
+        if node.op_type != other or node.domain != MS_DOMAIN or not node.name.startswith("fused_attention_"):
+            continue
+        ins = list(node.input) + [""] * 17
+        num_heads, scale = attr(node, "num_heads"), attr(node, "scale")
+        if op == MHA:
+            q, kk, v, pk, pv, bias = ins[0], ins[1], ins[2], ins[3], ins[4], ins[10]
+            new = helper.make_node(MHA, [q, kk, v, "", "", bias, pk, pv], list(node.output), name=node.name, domain=MS_DOMAIN, num_heads=num_heads, scale=scale)
+        else:
+            if lengths is None:
+                lengths = _gqa_lengths(graph, "fused_attention_lengths")
+            seqlens_k, total, query_seqlens = lengths
+            q, kk, v, bias, pk, pv = ins[0], ins[1], ins[2], ins[5], ins[6], ins[7]
+            new = helper.make_node(
+                GQA, [q, kk, v, pk, pv, seqlens_k, total, "", "", "", bias, "", "", "", "", "", query_seqlens], list(node.output),
+                name=node.name, domain=MS_DOMAIN, num_heads=num_heads, scale=scale, kv_num_heads=num_heads,
+            )
+        pos = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(pos, new)
+    if op == GQA:
+        past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+        fused = {n.name for n in graph.node if n.op_type == GQA}
+        _past_length_from_mask(graph, past, fused, "fused_attention_lengths")
+    remove_dead_nodes(graph)
+    return out, len(todo)
+
+
 def _has_subgraphs(graph: onnx.GraphProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
 
@@ -434,7 +582,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
     if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
         raise QuantError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; pass the model's n_embd and n_head")
     head_dim = hidden_size // num_heads
-    report = {"fused": 0, "op": op, "softmax": 0, "unmatched": [], "nodes_before": len(model.graph.node)}
+    report = {"fused": 0, "op": op, "softmax": 0, "unmatched": [], "nodes_before": len(model.graph.node), "kv_cache": "concat"}
     if _has_subgraphs(model.graph):
         report["unmatched"].append("graph has control-flow subgraphs")
         report["nodes_after"] = report["nodes_before"]
@@ -455,8 +603,11 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
         report["unmatched"].append("layers share a present KV tensor")
         matches = []
     if not matches:
-        report["nodes_after"] = report["nodes_before"]
-        return model, report
+        swapped, n = retarget(model, op)
+        report["retargeted"] = n
+        report["nodes_after"] = len(swapped.graph.node)
+        report["kv_cache"] = kv_cache_mode(swapped)
+        return swapped, report
 
     if op == GQA and not {"attention_mask", "input_ids"} <= index.graph_inputs:
         report["unmatched"].append("GroupQueryAttention needs the graph inputs attention_mask and input_ids")
@@ -496,6 +647,9 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
     if not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     remove_dead_nodes(graph)
+    if op == GQA:
+        report["kv_cache_reason"] = _shared_kv(graph, resolved, n_layers=len(softmaxes))[1]
+    report["kv_cache"] = kv_cache_mode(out)
     live = {x for n in graph.node for x in (*n.input, *n.output)}
     vis = [vi for vi in graph.value_info if vi.name in live]
     del graph.value_info[:]

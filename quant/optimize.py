@@ -114,11 +114,15 @@ def ort_fusions(model, num_heads: int, hidden_size: int):
     return model, {"ort_fused": stats}
 
 
-def attention_fusion(model, num_heads: int, hidden_size: int):
-    """Each layer's attention -> one MultiHeadAttention contrib node, same graph I/O (``quant.attention``)."""
+def attention_fusion(model, num_heads: int, hidden_size: int, op: str = "GroupQueryAttention"):
+    """Each layer's attention -> one contrib attention node, same graph I/O (``quant.attention``).
+
+    GroupQueryAttention (the default) also makes the graph accept one in-place KV buffer per tensor
+    (report ``kv_cache``: "shared"); MultiHeadAttention keeps past and present as separate tensors.
+    """
     from .attention import fuse_attention
 
-    return fuse_attention(model, num_heads, hidden_size)
+    return fuse_attention(model, num_heads, hidden_size, op=op)
 
 
 Step = Callable[..., tuple]
@@ -132,11 +136,21 @@ STEPS: list[tuple[str, Step]] = [
 ]
 
 
-def optimize(model: ModelLike, num_heads: int, hidden_size: int, progress: Callable[[str], None] = lambda m: None, steps=None, fuse_attention: bool = True):
+def optimize(
+    model: ModelLike,
+    num_heads: int,
+    hidden_size: int,
+    progress: Callable[[str], None] = lambda m: None,
+    steps=None,
+    fuse_attention: bool = True,
+    attention_op: str = "GroupQueryAttention",
+):
     """Run the optimization steps; return ``(model, report)``.
 
-    The report has the op counts before/after, the fused op counts and each step's own info.
-    ``fuse_attention=False`` skips the attention step (MultiHeadAttention contrib op).
+    The report has the op counts before/after, the fused op counts, each step's own info and
+    ``kv_cache``: "shared" when the graph accepts in-place KV buffers (see ``quant.attention``), else
+    "concat". ``fuse_attention=False`` skips the attention step; ``attention_op`` picks its contrib op
+    (GroupQueryAttention or MultiHeadAttention).
     """
     if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
         raise QuantError(f"hidden size {hidden_size} is not a multiple of {num_heads} heads; pass the model's n_head and n_embd")
@@ -145,10 +159,11 @@ def optimize(model: ModelLike, num_heads: int, hidden_size: int, progress: Calla
     report: dict = {"steps": {}}
     for name, step in [s for s in (STEPS if steps is None else steps) if fuse_attention or s[0] != "attention"]:
         progress(f"optimize: {name}")
-        model, info = step(model, num_heads, hidden_size)
+        model, info = step(model, num_heads, hidden_size, op=attention_op) if name == "attention" else step(model, num_heads, hidden_size)
         report["steps"][name] = info
     after = op_counts(model)
     report["ops_before"] = before
     report["ops_after"] = after
     report["fused"] = {op: after[op] for op in FUSED_OPS if after.get(op)}
+    report["kv_cache"] = report["steps"].get("attention", {}).get("kv_cache", "concat")
     return model, report

@@ -44,6 +44,16 @@ def tiny_package(tmp_path_factory, tiny_checkpoint) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_portable_package(tmp_path_factory, tiny_checkpoint) -> Path:
+    """Shape A exported with ``optimize=False``: the fp32 graph in plain ONNX ops. Read-only."""
+    from gpt2deploy.exporting import export_package
+
+    out = tmp_path_factory.mktemp("pkg_a_portable") / "pkg"
+    export_package(str(tiny_checkpoint), out, optimize=False)
+    return out
+
+
 @pytest.fixture
 def package_copy(tmp_path, tiny_package) -> Path:
     dst = tmp_path / "pkg"

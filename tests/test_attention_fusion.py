@@ -75,8 +75,8 @@ def _graphs_from_package(package) -> Graphs:
 
 
 @pytest.fixture(scope="module")
-def graphs_a(tiny_package) -> Graphs:
-    return _graphs_from_package(tiny_package)
+def graphs_a(tiny_portable_package) -> Graphs:
+    return _graphs_from_package(tiny_portable_package)
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +171,116 @@ def test_optimize_pipeline_fuses_attention_by_default(graphs_a):
     from quant.optimize import optimize
 
     model, report = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden)
-    assert report["fused"].get("MultiHeadAttention") == graphs_a.n_layer
+    assert report["fused"].get("GroupQueryAttention") == graphs_a.n_layer
     assert report["steps"]["attention"]["fused"] == graphs_a.n_layer
+    assert report["kv_cache"] == "shared"
     assert _io(model) == _io(graphs_a.raw)
+    mha, report = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden, attention_op=MHA)
+    assert report["fused"].get("MultiHeadAttention") == graphs_a.n_layer and report["kv_cache"] == "concat"
     _, off = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden, fuse_attention=False)
-    assert "MultiHeadAttention" not in off["fused"] and "attention" not in off["steps"]
+    assert "MultiHeadAttention" not in off["fused"] and "attention" not in off["steps"] and off["kv_cache"] == "concat"
+
+
+def test_optimize_is_idempotent_and_retargets(graphs_a):
+    """Optimizing an optimized graph keeps it; asking for the other op swaps the fused nodes exactly."""
+    from quant.attention import kv_cache_mode, retarget
+    from quant.optimize import optimize
+
+    g = graphs_a
+    once, _ = optimize(g.raw, g.n_head, g.hidden)
+    twice, report = optimize(once, g.n_head, g.hidden)
+    assert report["kv_cache"] == "shared" and report["fused"]["GroupQueryAttention"] == g.n_layer
+    mha, report = optimize(once, g.n_head, g.hidden, attention_op=MHA)
+    assert report["steps"]["attention"]["retargeted"] == g.n_layer and report["kv_cache"] == "concat"
+    assert "GroupQueryAttention" not in Counter(n.op_type for n in mha.graph.node)
+    back, n = retarget(mha, GQA)
+    assert n == g.n_layer and kv_cache_mode(back) == "shared"
+    ids = np.array([[5, 6, 7, 8], [0, 0, 9, 10]], np.int64)
+    mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], np.int64)
+    ref = _session(g.raw).run(None, _feed(g, ids, mask))[0]
+    for model in (twice, mha, back):
+        out = _session(model).run(None, _feed(g, ids, mask))[0]
+        assert np.abs(out[mask.astype(bool)] - ref[mask.astype(bool)]).max() <= TOL
+    with pytest.raises(QuantError, match="unknown attention op"):
+        retarget(mha, "Attention")
+
+
+def _shared_run(g: Graphs, model, ids, mask, steps: int, capacity: int):
+    """Prompt + single-token steps with ONE buffer per KV tensor bound as both past and present."""
+    sess = _session(model)
+    io = sess.io_binding()
+    batch = ids.shape[0]
+    arrays, values = [], []  # the OrtValues wrap the arrays' memory: keep both alive
+    for i in range(g.n_layer):
+        for kind in ("key", "value"):
+            arrays.append(np.full((batch, g.n_head, capacity, g.head_dim), np.nan, np.float32))
+            values.append(ort.OrtValue.ortvalue_from_numpy(arrays[-1]))
+            io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", values[-1])
+            io.bind_ortvalue_output(f"present.{i}.{kind}", values[-1])
+    out = []
+    new = ids
+    for _ in range(steps + 1):
+        pos = np.cumsum(mask, 1) - 1
+        pos[mask == 0] = 0
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(new))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos[:, -new.shape[1]:]))
+        io.bind_output("logits")
+        sess.run_with_iobinding(io)
+        logits = io.get_outputs()[-1].numpy()[:, -1]
+        out.append(logits)
+        new = logits.argmax(-1).astype(np.int64).reshape(batch, 1)
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+    return np.stack(out, 1), arrays
+
+
+def _concat_run(g: Graphs, model, ids, mask, steps: int):
+    sess = _session(model)
+    past = g.empty_past(ids.shape[0])
+    out = []
+    new = ids
+    for _ in range(steps + 1):
+        logits, past = g.step(sess, new, mask, past)
+        out.append(logits[:, -1])
+        new = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones_like(new)], axis=1)
+    return np.stack(out, 1), past
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_shared_kv_buffer_equals_concat(graphs_a, graphs_b, which):
+    """A GroupQueryAttention graph fed one in-place buffer per KV tensor (capacity > length, NaN beyond
+    the valid length) gives the plain graph's logits and caches, left-padded batch included."""
+    from quant.optimize import optimize
+
+    g = graphs_a if which == "a" else graphs_b
+    model, report = optimize(g.raw, g.n_head, g.hidden)
+    assert report["kv_cache"] == "shared"
+    ids = np.random.default_rng(7).integers(0, 1000, (3, 6)).astype(np.int64)
+    mask = np.ones((3, 6), np.int64)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    ref, ref_cache = _concat_run(g, g.raw, ids, mask, steps=6)
+    got, bufs = _shared_run(g, model, ids, mask, steps=6, capacity=20)
+    assert np.abs(ref - got).max() <= TOL
+    length = ref_cache[0].shape[2]
+    valid = np.concatenate([mask, np.ones((3, length - mask.shape[1]), np.int64)], axis=1).astype(bool)
+    for x, y in zip(ref_cache, bufs):
+        y = y[:, :, :length]
+        assert np.abs(x.transpose(0, 2, 1, 3)[valid] - y.transpose(0, 2, 1, 3)[valid]).max() <= TOL
+        assert not np.isnan(y.transpose(0, 2, 1, 3)[valid]).any()
+
+
+def test_partial_fusion_is_not_shared(graphs_a):
+    """A layer left unfused still concatenates its cache: the graph must not be marked shared."""
+    g = graphs_a
+    model = onnx.ModelProto()
+    model.CopyFrom(g.optimized)
+    sm = next(n for n in model.graph.node if n.op_type == "Softmax")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(sm.output[0], onnx.TensorProto.FLOAT, None))
+    fused, report = fuse_attention(model, g.n_head, g.hidden, op=GQA)
+    assert report["fused"] == g.n_layer - 1
+    assert report["kv_cache"] == "concat" and "not fused" in report["kv_cache_reason"]
 
 
 # ------------------------------------------------------------------------------------ numerics

@@ -86,8 +86,9 @@ def test_auto_selection_follows_the_manifest(built_copy, cli):
     assert f"auto cpu   {second}" in text
     row = next(line for line in text.splitlines() if line.startswith(first + " "))
     assert "FAIL" in row
-    # the CUDA choice is shown even on a machine without CUDA (no fp16 here: fp32 is next)
-    assert a["cuda"]["variant"] == "fp32"
+    # the CUDA choice is shown even on a machine without CUDA: these variants take the in-place KV cache
+    # (GroupQueryAttention with a padding bias, which has no CUDA kernel), so none is usable there
+    assert a["cuda"]["variant"] is None and "not built for cuda" in a["cuda"]["reason"] and "fp16" in a["cuda"]["reason"]
 
 
 def test_inspect_shows_rejected_and_unshipped_reference(built_copy, cli):

@@ -19,8 +19,9 @@ IDS = [464, 3290, 318, 257, 1310, 1295, 11, 290, 262, 1893, 11568, 13, 632, 373,
 
 
 @pytest.fixture(scope="module")
-def fp32_graph(tiny_package) -> onnx.ModelProto:
-    return onnx.load(str(tiny_package / "onnx" / "model.onnx"))
+def fp32_graph(tiny_portable_package) -> onnx.ModelProto:
+    """The exporter's plain graph (a default export is already optimized)."""
+    return onnx.load(str(tiny_portable_package / "onnx" / "model.onnx"))
 
 
 def _session(model) -> ort.InferenceSession:

@@ -145,7 +145,10 @@ def test_manifest_entries_valid(quantized):
     assert set(pkg.variants) == {"fp32", "int8", "int4", "fp16"}
     assert pkg.integrity_problems() == []
     expect_files = {"int8": "onnx/model_int8.onnx", "int4": "onnx/model_q4.onnx", "fp16": "onnx/model_fp16.onnx"}
-    expect_prov = {"int8": ["CPUExecutionProvider"], "int4": ["CPUExecutionProvider", "CUDAExecutionProvider"], "fp16": ["CUDAExecutionProvider"]}
+    # int8/int4 take the in-place KV cache (GroupQueryAttention: CPU only); fp16 keeps MultiHeadAttention for CUDA
+    expect_prov = {"int8": ["CPUExecutionProvider"], "int4": ["CPUExecutionProvider"], "fp16": ["CUDAExecutionProvider"]}
+    expect_kv = {"int8": "shared", "int4": "shared", "fp16": "concat"}
+    expect_attention = {"int8": "GroupQueryAttention", "int4": "GroupQueryAttention", "fp16": "MultiHeadAttention"}
     for mode in MODES:
         e = pkg.variant(mode)
         assert e["file"] == expect_files[mode]
@@ -153,6 +156,7 @@ def test_manifest_entries_valid(quantized):
         assert e["size"] == (pkg.root / e["file"]).stat().st_size
         assert e["precision"] == mode
         assert e["providers"] == expect_prov[mode]
+        assert e["kv_cache"] == expect_kv[mode] and e["recipe"]["fused"][expect_attention[mode]] == 2
         assert {"onnxruntime", "onnx"} <= set(e["libraries"])
         r = e["recipe"]
         for key in ("mode", "per_channel", "block_size", "accuracy_level", "excluded", "fused", "quantized_matmuls", "skipped_matmuls", "float_weight_fraction"):
@@ -163,7 +167,26 @@ def test_manifest_entries_valid(quantized):
     assert pkg.variant("int4")["recipe"]["accuracy_level"] == 4
     assert pkg.variant("int8")["recipe"]["float_weight_fraction"] < 0.1
     assert "CUDA" in pkg.variant("fp16")["note"] and "slower" in pkg.variant("fp16")["note"]
+    assert "--attention mha" in pkg.variant("int4")["note"]
     assert not list(pkg.root.glob("onnx/.quantize-*")), "staging directories left behind"
+
+
+def test_int4_with_mha_attention_is_cuda_capable(cli, package_copy):
+    """--attention mha: MultiHeadAttention, separate past/present, CUDA among the providers; it still generates."""
+    import gpt2deploy
+    from gpt2deploy.package import Package
+
+    r = cli("quantize", package_copy, "--mode", "int4", "--attention", "mha")
+    assert r.exit_code == 0, r.stderr
+    assert "past and present as separate tensors" in r.stderr
+    e = Package.open(package_copy).variant("int4")
+    assert e["kv_cache"] == "concat" and e["recipe"]["attention"] == "mha"
+    assert e["providers"] == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    assert e["recipe"]["fused"]["MultiHeadAttention"] == 2 and "GroupQueryAttention" not in e["recipe"]["fused"]
+    model = gpt2deploy.load(package_copy, variant="int4", device="cpu")
+    assert 1 <= len(model.generate_ids([[1, 2, 3]], max_new_tokens=5).tokens[0]) <= 5
+    bad = cli("quantize", package_copy, "--mode", "int8", "--attention", "flash")
+    assert bad.exit_code == 2 and "unknown attention 'flash'" in bad.stderr
 
 
 def test_cli_summary_and_existing_variant_needs_force(cli, package_copy):

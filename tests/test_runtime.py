@@ -18,9 +18,14 @@ from gpt2deploy.runtime.providers import cuda_available
 PROMPTS = ["The quick brown fox", "In Python, a list is a mutable sequence of", "Hello"]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_package):
-    return gpt2deploy.load(tiny_package, device="cpu", threads=1)
+@pytest.fixture(scope="module", params=["shared", "concat"])
+def model(request, tiny_package, tiny_portable_package):
+    """The default export (GroupQueryAttention, one in-place KV buffer per tensor) and the portable one
+    (plain ONNX, past and present as separate buffers): every test runs on both cache layouts."""
+    pkg = tiny_package if request.param == "shared" else tiny_portable_package
+    m = gpt2deploy.load(pkg, device="cpu", threads=1)
+    assert m.package.variant(m.variant).get("kv_cache", "concat") == request.param
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +146,8 @@ def test_kv_cache_holds_the_full_recompute(model):
         np.testing.assert_allclose(got, ref, atol=1e-4)
     # the buffers are reused in place: their addresses never change
     assert st.ptrs[0][0] == st.sets[0][0].value.ctypes.data
+    shared = model.package.variant(model.variant).get("kv_cache") == "shared"
+    assert st.shared is shared and len(st.sets) == (1 if shared else 2)
 
 
 def test_public_binding_api_fallback_gives_the_same_tokens(model):

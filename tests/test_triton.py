@@ -140,7 +140,8 @@ def test_triton_repository_for_int8(built_package, tmp_path, cli):
     _check_model_dir(repo / "gpt2_int8", "gpt2_int8", "int8", built_package)
 
 
-def test_triton_default_variant_name_and_gpu(built_package, tmp_path, cli):
+def test_triton_default_variant_name_and_gpu(built_copy, tmp_path, cli):
+    built_package = built_copy
     from gpt2deploy.runtime.select import select_variant
 
     repo = tmp_path / "repo"
@@ -153,7 +154,12 @@ def test_triton_default_variant_name_and_gpu(built_package, tmp_path, cli):
     assert model.name == f"model_{cpu_pick}"  # the checkpoint directory is named 'model'
     _check_model_dir(model, model.name, cpu_pick, built_package)
 
+    # the built variants take the in-place KV cache (CPU only): a CUDA-capable int4 is added for the GPU model
+    bad = cli("triton", built_package, "-o", tmp_path / "nothing", "--device", "cuda")
+    assert bad.exit_code != 0 and "not built for cuda" in bad.stderr
+    assert cli("quantize", built_package, "--mode", "int4", "--attention", "mha", "--force").exit_code == 0
     gpu_pick, _ = select_variant(load_manifest(built_package), "cuda")
+    assert gpu_pick == "int4"
     r = cli("triton", built_package, "-o", repo, "--device", "cuda", "--name", "gpt2_gpu", "--instances", "2", "--threads", "3")
     assert r.exit_code == 0, r.output
     cfg = parse_pbtxt((repo / "gpt2_gpu" / "config.pbtxt").read_text())

@@ -22,6 +22,9 @@ def quantize_cmd(
     block_size: int = typer.Option(32, "--block-size", help="int4: weights per quantization block (power of two >= 16)."),
     exclude: str = typer.Option("", "--exclude", help="Comma list of MatMuls to keep in float: node or weight names, a weight prefix ending in '.', or lm_head."),
     head_bits: Optional[int] = typer.Option(None, "--head-bits", help="int4: bits of the lm_head and tied embedding table (default 8; 4 is ~15% faster, smaller, less accurate)."),
+    attention: Optional[str] = typer.Option(
+        None, "--attention", help="Fused attention: gqa (CPU, in-place KV cache, fastest; default for int8/int4) or mha (CPU and CUDA; default for fp16)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the variant if the package already has it."),
 ) -> None:
     """Add a quantized variant (model_int8 / model_q4 / model_fp16) built from the package's fp32 graph."""
@@ -35,6 +38,7 @@ def quantize_cmd(
         exclude=[e for e in exclude.split(",") if e.strip()],
         force=force,
         **({"head_bits": head_bits} if head_bits is not None else {}),
+        **({"attention": attention} if attention is not None else {}),
         progress=lambda m: say(f"[quantize {mode}] {m}"),
     )
     s = result["summary"]
@@ -43,6 +47,7 @@ def quantize_cmd(
     say(f"[quantize {mode}] summary")
     say(f"  size         {_mb(s['size_before'])} (fp32) -> {_mb(s['size_after'])} ({s['size_ratio']:.2f}x)")
     say(f"  fused ops    {fused}")
+    say("  kv cache     " + ("one in-place buffer per tensor (past = present)" if s["kv_cache"] == "shared" else "past and present as separate tensors"))
     if mode == "fp16":
         say(f"  matmuls      all weight MatMuls in float16; excluded {len(s['excluded'])}")
     else:

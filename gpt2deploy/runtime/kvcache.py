@@ -1,6 +1,11 @@
 """The decode loop's memory: a KV cache that never leaves ONNX Runtime's reach, fed through IO binding.
 
-Two preallocated buffers per cache tensor (``present`` of step t is written into one, read back as
+Variants whose manifest entry says ``kv_cache: "shared"`` (GroupQueryAttention graphs, see
+``quant.attention``) get one preallocated buffer per cache tensor, [batch, heads, capacity, head_dim],
+bound as both ``past`` and ``present``: the graph writes each step's keys and values in place and reads
+the valid length from ``attention_mask``, so a step costs the same bindings whatever the context.
+
+Other variants get two buffers per cache tensor (``present`` of step t is written into one, read back as
 ``past`` of step t+1 while the next ``present`` goes into the other), sized for the whole generation.
 Every step binds pointers into them; no numpy copy of the cache, no allocation, no re-run of the prompt.
 A tensor [batch, heads, n, head_dim] is the first batch*heads*n*head_dim elements of its buffer, so a
@@ -85,7 +90,8 @@ class KVStepper:
         self.device = dec.device
         self.device_id = 0
         per = batch * d.n_head * capacity * d.head_dim
-        self.sets = [[_Buffer(per, self.kv_dtype, self.device) for _ in dec.past_names] for _ in range(2)]
+        self.shared = dec.package.variant(dec.variant).get("kv_cache") == "shared"
+        self.sets = [[_Buffer(per, self.kv_dtype, self.device) for _ in dec.past_names] for _ in range(1 if self.shared else 2)]
         self.ptrs = [[b.ptr for b in s] for s in self.sets]
         self.logits = np.empty((batch, 1, d.vocab_size), dtype=self.logits_dtype)
         self.mask = np.ones((batch, capacity), dtype=np.int64)
@@ -103,6 +109,15 @@ class KVStepper:
     # -- binding helpers ------------------------------------------------------------------
     def _bind_host(self, name: str, arr: np.ndarray) -> None:
         self._bind_in(name, "cpu", arr.dtype, list(arr.shape), arr.ctypes.data)
+
+    def _bind_shared(self) -> None:
+        """past and present -> the same [batch, heads, capacity, head_dim] buffers (written in place)."""
+        b, h, d = self.kv_shape
+        shape = [b, h, self.capacity, d]
+        dev, dt = self.device, self.kv_dtype
+        for (name, i), (out, _) in zip(self._past, self._present):
+            self._bind_in(name, dev, dt, shape, self.ptrs[0][i])
+            self._bind_out(out, dev, dt, shape, self.ptrs[0][i])
 
     def _bind_cache(self, length: int) -> None:
         """past <- set[cur][:length], present -> set[1 - cur][:length + new]."""
@@ -137,12 +152,14 @@ class KVStepper:
         self._bind_host("input_ids", ids)
         self._bind_host("attention_mask", mask)
         self._bind_host("position_ids", pos)
-        dst = self._bind_cache(0)
-        self._bind_present(dst, seq)
+        if self.shared:
+            self._bind_shared()
+        else:
+            self._bind_present(self._bind_cache(0), seq)
         logits = np.empty((batch, seq, self.logits.shape[-1]), dtype=self.logits_dtype)
         self._bind_out("logits", "cpu", logits.dtype, list(logits.shape), logits.ctypes.data)
         self.dec.session.run_with_iobinding(self.io)
-        self.cur, self.length = 1, seq
+        self.cur, self.length = (0 if self.shared else 1), seq
         self.prefill_length = seq
         self.pos[:, 0] = pos[:, -1]
         self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
@@ -165,12 +182,13 @@ class KVStepper:
             self._bind_host("input_ids", self.ids)
             self._bind_host("position_ids", self.pos)
         self._bind_host("attention_mask", mask)
-        dst = self._bind_cache(n)
-        self._bind_present(dst, n + 1)
+        if not self.shared:
+            self._bind_present(self._bind_cache(n), n + 1)
         t = time.perf_counter()
         self.dec.session.run_with_iobinding(self.io)
         self.run_seconds += time.perf_counter() - t
-        self.cur ^= 1
+        if not self.shared:
+            self.cur ^= 1
         self.length = n + 1
         logits = self.logits[:, 0, :]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
@@ -182,5 +200,9 @@ class KVStepper:
         out = []
         for buf in self.sets[self.cur]:
             flat = buf.value.numpy() if self.device == "cuda" else buf.value
-            out.append(np.array(flat[:n]).reshape(b, h, self.length, d))
+            if self.shared:
+                full = flat[: b * h * self.capacity * d].reshape(b, h, self.capacity, d)
+                out.append(np.array(full[:, :, : self.length]))
+            else:
+                out.append(np.array(flat[:n]).reshape(b, h, self.length, d))
         return out

@@ -47,6 +47,11 @@ def load(path, variant: str | None = None, device: str = "auto", threads: int | 
         if dev == "cpu" and name == "fp16":
             notes.append("fp16 runs slower than fp32 on the CPU execution provider; it is meant for CUDA")
             warnings.warn(notes[-1], PerformanceWarning, stacklevel=2)
+        if dev == "cuda" and entry.get("providers") and "CUDAExecutionProvider" not in entry["providers"]:
+            raise VariantError(
+                f"variant {name} is built for {', '.join(entry['providers'])} only (its fused attention has no CUDA kernel); "
+                "use --device cpu, the fp16 variant, or re-export with --portable"
+            )
         if gate_failed(entry):
             notes.append(f"variant {name} failed its accuracy gate (see 'gpt2deploy inspect'); its output may differ from fp32")
             warnings.warn(notes[-1], AccuracyWarning, stacklevel=2)

@@ -52,5 +52,10 @@ def select_variant(manifest: dict, device: str) -> tuple[str, str]:
     present = ", ".join(sorted(variants)) or "none"
     why = f" ({'; '.join(skipped)})" if skipped else ""
     fp16_only = device == "cpu" and set(variants) <= {"fp16"} and variants
-    hint = "fp16 is not run on CPU automatically; pass --variant fp16 to force it" if fp16_only else "rebuild the package or pass --variant"
+    if fp16_only:
+        hint = "fp16 is not run on CPU automatically; pass --variant fp16 to force it"
+    elif device == "cuda":
+        hint = "add a CUDA variant with 'gpt2deploy quantize PACKAGE --mode fp16' (or --mode int4 --attention mha), or use --device cpu"
+    else:
+        hint = "rebuild the package or pass --variant"
     raise VariantError(f"no variant usable on {device} in this package (present: {present}){why}; {hint}")
