@@ -244,3 +244,28 @@ def test_graph_carries_no_builder_paths_and_is_reproducible(tmp_path, tiny_packa
     m = onnx.load(str(tmp_path / "pkg" / "onnx" / "model.onnx"), load_external_data=False)
     assert not any(n.metadata_props for n in m.graph.node)
     assert str(Path.home()) not in (tmp_path / "pkg" / "onnx" / "model.onnx").read_bytes().decode("latin-1")
+
+
+def test_default_graph_is_optimized_and_portable_is_plain_onnx(tiny_package, tiny_portable_package):
+    """The default fp32 graph has fused attention with an in-place KV cache (CPU); --portable keeps plain ONNX.
+    Both keep the same graph inputs and outputs and pass parity with PyTorch."""
+    from collections import Counter
+
+    opt, plain = Package.open(tiny_package).variant("fp32"), Package.open(tiny_portable_package).variant("fp32")
+    assert opt["kv_cache"] == "shared" and opt["providers"] == ["CPUExecutionProvider"] and opt["recipe"]["optimize"] is True
+    assert opt["recipe"]["fused"]["GroupQueryAttention"] == 2 and opt["recipe"]["fused"]["SkipLayerNormalization"] >= 4
+    assert plain["kv_cache"] == "concat" and "CUDAExecutionProvider" in plain["providers"] and plain["recipe"]["optimize"] is False
+    assert opt["parity"]["max_abs_diff"] <= opt["parity"]["atol"] and plain["parity"]["max_abs_diff"] <= plain["parity"]["atol"]
+    g_opt = onnx.load(str(tiny_package / opt["file"]))
+    g_plain = onnx.load(str(tiny_portable_package / plain["file"]))
+    assert Counter(n.domain for n in g_plain.graph.node).keys() <= {"", "ai.onnx"}
+    assert Counter(n.op_type for n in g_opt.graph.node)["GroupQueryAttention"] == 2
+    assert [i.SerializeToString() for i in g_opt.graph.input] == [i.SerializeToString() for i in g_plain.graph.input]
+    assert [o.SerializeToString() for o in g_opt.graph.output] == [o.SerializeToString() for o in g_plain.graph.output]
+
+
+def test_cli_portable_flag(tmp_path, tiny_checkpoint, cli):
+    r = cli("export", tiny_checkpoint, "-o", tmp_path / "p", "--portable")
+    assert r.exit_code == 0, r.stderr
+    assert "optimizing" not in r.stderr
+    assert load_manifest(tmp_path / "p")["variants"]["fp32"]["kv_cache"] == "concat"
