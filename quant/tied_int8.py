@@ -2,14 +2,18 @@
 
 GPT-2 ties the lm_head to the token embedding ``wte`` [vocab, hidden]. Quantizing them separately
 stores the largest matrix twice (or leaves the embedding in fp32: 4 bytes a weight). Here ``wte`` is
-quantized once, symmetric int8 with one scale per vocabulary row, and stored transposed as
-``Wq`` [hidden, vocab]:
+quantized once, symmetric int8 in blocks of ``block_size`` along the hidden axis, in the layout of an
+8-bit ``MatMulNBits`` weight: B [vocab, n_blocks, block] (uint8, value + 128), scales [vocab * n_blocks].
 
-* lm_head: ``DynamicQuantizeMatMul(x, Wq, scale[vocab], 0)`` -- per-output-column scales;
-* embedding: ``Gather(Wq, ids, axis=1)`` -> [hidden, *ids] -> Cast -> Transpose -> ``* scale[ids]``.
+* lm_head: ``MatMulNBits(x, B, scales, bits=8, accuracy_level=4)`` -- int8 activations per block,
+  faster than ``DynamicQuantizeMatMul`` on the same bytes;
+* embedding: row ``v`` of B is the quantized embedding row ``v``, so the lookup is a ``Gather`` of whole
+  rows followed by the same dequantization (see ``tied_nbits``).
 
-Per-row scales are the natural granularity for both uses, so this is more accurate than a
-per-tensor table and the file carries the matrix once (1 byte a weight).
+The rows layout matters for memory: ONNX Runtime replaces the lm_head's weight by a prepacked copy, and
+when the graph is saved with ``quant.mapped.save_mapped`` the embedding lookup reads its own
+memory-mapped alias of the same bytes, touching only the rows of the tokens it sees. The file carries
+the matrix once (1 byte a weight) and the process holds one full copy (the prepacked one).
 """
 from __future__ import annotations
 
@@ -37,13 +41,39 @@ def quantize_row_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def share_tied_int8(model) -> tuple:
+def _pow2_block(k: int, block_size: int) -> int:
+    """``block_size``, or the smallest power of two >= 16 covering K when K is smaller."""
+    b = 16
+    while b < min(k, block_size):
+        b *= 2
+    return b
+
+
+def quantize_blocks_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per block of ``block_size`` along each row (K zero-padded to whole blocks).
+
+    Returns ``(b, scales)``: b uint8 [N, n_blocks, block_size] holding ``q + 128``, scales [N * n_blocks].
+    """
+    n, k = w.shape
+    nb = -(-k // block_size)
+    padded = np.zeros((n, nb * block_size), np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, nb, block_size)
+    amax = np.abs(blocks).max(axis=2)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int16)
+    return (q + 128).astype(np.uint8), scale.reshape(-1)
+
+
+def share_tied_int8(model, block_size: int = 128) -> tuple:
     """Rewrite the tied lm_head + embedding pair; return ``(model, info)`` (info["shared"] False if absent).
 
     Expects the fp32 graph before ``untie_lm_head``: ``MatMul(x, Transpose(W))`` and ``Gather(W, ids)``.
     """
-    import onnx
     from onnx import helper, numpy_helper
+
+    from .errors import QuantError
+    from .tied_nbits import share_tied_nbits  # imports this module
 
     inits, prods, uses = initializers(model), producers(model), consumers(model)
     head = tr = None
@@ -61,52 +91,39 @@ def share_tied_int8(model) -> tuple:
     wname = tr.input[0]
     gathers = [n for n in uses.get(wname, []) if n.op_type == "Gather" and all(a.i == 0 for a in n.attribute if a.name == "axis")]
     others = [n for n in uses.get(wname, []) if n is not tr and n not in gathers]
-    if not gathers or others or any(_ids_rank(model, g.input[1]) is None for g in gathers):
+    if len(gathers) != 1 or others or _ids_rank(model, gathers[0].input[1]) is None:
         return model, {"shared": False, "reason": "the embedding is not a plain Gather on the lm_head weight"}
     if len(uses.get(tr.output[0], [])) != 1:
         return model, {"shared": False, "reason": "the transposed weight has other users"}
+    if list(head.output) != ["logits"]:
+        return model, {"shared": False, "reason": "the tied MatMul does not produce the logits"}
 
     w = numpy_helper.to_array(inits[wname]).astype(np.float32)
     vocab, hidden = w.shape
-    q, scale = quantize_row_int8(w)
-    qname, sname, zname = f"{wname}_int8_t", f"{wname}_row_scale", f"{wname}_row_zero_point"
-    new_inits = [
-        numpy_helper.from_array(np.ascontiguousarray(q.T), qname),
-        numpy_helper.from_array(scale, sname),
-        numpy_helper.from_array(np.zeros(vocab, np.int8), zname),
-    ]
-    replace: dict[int, list] = {}
-    replace[id(head)] = [
-        helper.make_node(
-            "DynamicQuantizeMatMul", [head.input[0], qname, sname, zname], list(head.output), name=f"{head.name}_tied_int8", domain="com.microsoft"
-        )
-    ]
-    replace[id(tr)] = []
-    for k, g in enumerate(gathers):
-        rank = _ids_rank(model, g.input[1])
-        p = f"{g.name or 'embedding'}_tied{k}"
-        axes = f"{p}_axes"
-        new_inits.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
-        perm = list(range(1, rank + 1)) + [0]
-        replace[id(g)] = [
-            helper.make_node("Gather", [qname, g.input[1]], [f"{p}_q"], name=f"{p}_gather", axis=1),
-            helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=onnx.TensorProto.FLOAT),
-            helper.make_node("Transpose", [f"{p}_f"], [f"{p}_t"], name=f"{p}_transpose", perm=perm),
-            helper.make_node("Gather", [sname, g.input[1]], [f"{p}_s"], name=f"{p}_scale", axis=0),
-            helper.make_node("Unsqueeze", [f"{p}_s", axes], [f"{p}_su"], name=f"{p}_unsqueeze"),
-            helper.make_node("Mul", [f"{p}_t", f"{p}_su"], list(g.output), name=f"{p}_dequantize"),
-        ]
+    bs = _pow2_block(hidden, block_size)
+    b, scale = quantize_blocks_int8(w, bs)
+    bname, sname = f"{wname}_q8", f"{wname}_q8_scale"
+    mm = helper.make_node(
+        "MatMulNBits", [head.input[0], bname, sname], ["logits"], name=f"{head.name or 'lm_head'}_tied_q8",
+        domain="com.microsoft", K=int(hidden), N=int(vocab), bits=8, block_size=int(bs), accuracy_level=4,
+    )
     nodes = []
     for n in model.graph.node:
-        nodes.extend(replace.get(id(n), [n]))
+        if n is head:
+            nodes.append(mm)
+        elif n is not tr:
+            nodes.append(n)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    keep = [t for t in model.graph.initializer if t.name != wname]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
+    model.graph.initializer.extend([numpy_helper.from_array(b, bname), numpy_helper.from_array(scale, sname)])
     ensure_opset(model, "com.microsoft", 1)
-    err = float(np.abs(q.astype(np.float32) * scale[:, None] - w).max())
-    return model, {"shared": True, "weight": wname, "shape": [int(vocab), int(hidden)], "granularity": "per-row", "max_abs_error": err}
+    model, emb = share_tied_nbits(model)  # the Gather now reads B's rows; the float table is dropped
+    if not emb.get("shared"):
+        raise QuantError(f"the tied embedding could not read the int8 lm_head table ({emb.get('reason')}); pass --exclude lm_head")
+    return model, {
+        "shared": True, "weight": wname, "shape": [int(vocab), int(hidden)], "op": "MatMulNBits", "bits": 8,
+        "block_size": int(bs), "granularity": f"per-block ({bs})", "max_abs_error": emb["max_abs_error"],
+    }
 
 
 def int8_embedding(model, min_rows: int = 1024) -> tuple:

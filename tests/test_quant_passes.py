@@ -111,14 +111,15 @@ def test_shared_tied_int8_table(fp32_graph):
     opt, _ = optimize(copy.deepcopy(fp32_graph), N_HEAD, HIDDEN)
     q, info = quantize_int8(copy.deepcopy(opt))
     tied = info["tied_embedding"]
-    assert tied["shared"] is True and tied["granularity"] == "per-row"
+    assert tied["shared"] is True and tied["op"] == "MatMulNBits" and tied["bits"] == 8
     inits = initializers(q)
-    table = inits[f"{tied['weight']}_int8_t"]
-    assert table.data_type == TensorProto.INT8 and list(table.dims) == [HIDDEN, 50257]
+    table = inits[f"{tied['weight']}_q8"]
+    bs = tied["block_size"]
+    assert table.data_type == TensorProto.UINT8 and list(table.dims) == [50257, -(-HIDDEN // bs), bs]
     users = [n.op_type for n in q.graph.node if table.name in n.input]
-    assert sorted(users) == ["DynamicQuantizeMatMul", "Gather"]  # one table, two users
+    assert sorted(users) == ["Gather", "MatMulNBits"]  # one table, two users
     assert describe(q)["weight_matmuls"]["float"] == 0
-    # the embedding rebuilt from the table is within one quantization step of the fp32 embedding
+    # the embedding rebuilt from the table is within half a quantization step of the fp32 embedding
     w = numpy_helper.to_array(initializers(opt)[tied["weight"]])
     step = np.abs(w).max(axis=1) / 127
     assert tied["max_abs_error"] <= step.max() / 2 + 1e-7
