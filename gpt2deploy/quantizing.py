@@ -125,7 +125,9 @@ def quantize_package(
     with _staging(pkg.root / Path(dest).parent) as stage:
         t0 = time.perf_counter()
         progress(f"saving {dest}")
-        written = qgraph.save(model, stage / Path(dest).name)
+        from quant.mapped import save_mapped  # weights memory-mapped at run time, the tied table held once
+
+        written = save_mapped(model, stage / Path(dest).name)
         del model
         timings["save"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -276,7 +278,8 @@ def _commit(pkg: Package, name: str, stage: Path, written: list[Path], files: li
 def _head_note(name: str, info: dict) -> str | None:
     tied = (info.get("tied_embedding") or {}).get("shared")
     if name == "int8":
-        return "int8 per-row table, shared with the embedding lookup" if tied else "int8, untied from the embedding"
+        block = (info.get("tied_embedding") or {}).get("block_size")
+        return f"int8 blocks of {block} (MatMulNBits), shared with the embedding lookup" if tied else "int8, untied from the embedding"
     if name == "int4":
         bits = info.get("head_bits", info.get("bits"))
         return f"{bits}-bit blocks of {info.get('block_size')}" + (", shared with the embedding lookup" if tied else "")

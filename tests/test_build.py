@@ -60,7 +60,7 @@ def test_built_package_end_to_end(built_package):
     assert Package.open(built_package).integrity_problems() == []
     assert verify_package(built_package).ok
     onnx_files = sorted(p.name for p in (built_package / "onnx").iterdir())
-    assert onnx_files == sorted(Path(VARIANT_FILES[n]).name for n in ALL)
+    assert onnx_files == sorted(Path(f["path"]).name for n in ALL for f in m["variants"][n]["files"])  # graphs + weight data
     assert [p.name for p in built_package.parent.iterdir()] == ["pkg"]  # no staging leftovers
 
 

@@ -101,12 +101,14 @@ def test_unknown_exclude(cli, package_copy):
 def test_disk_full_while_writing(cli, package_copy, monkeypatch):
     """The save fails half-way (ENOSPC): no variant file, no staging directory, manifest unchanged."""
     import quant.graph
+    import quant.mapped
 
-    def full_disk(model, path, external=None):
+    def full_disk(model, path, **kwargs):
         Path(path).write_bytes(b"\0" * 1000)  # half a file, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(quant.graph, "save", full_disk)
+    monkeypatch.setattr(quant.mapped, "save_mapped", full_disk)
     before = _snapshot(package_copy)
     r = cli("quantize", package_copy, "--mode", "int8")
     _assert_clean_failure(r, package_copy, before, "No space left on device")
