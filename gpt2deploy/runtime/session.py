@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import UsageError
 from ..manifest import past_name, present_name
 from ..package import Package
+from .memory import advise_mapped_weights, trim_heap
 from .providers import providers_for, resolve_device
 
 
@@ -33,10 +34,21 @@ class DecoderSession:
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), opts, providers=providers_for(self.device))
+        self.memory = self._settle_memory(path)
         d = self.dims
         self.past_names = [past_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.present_names = [present_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
+
+    def _settle_memory(self, graph_path) -> dict:
+        """After the load on the CPU: sparse mapped weights and a trimmed heap (see ``memory``)."""
+        if self.device != "cpu":
+            return {"mappings": 0, "mapped_bytes": 0, "files": [], "heap_trimmed": False}
+        root = self.package.root
+        files = [root / e["path"] for e in self.package.variant(self.variant).get("files", [])]
+        report = advise_mapped_weights([f for f in files if f.resolve() != graph_path.resolve()])
+        report["heap_trimmed"] = trim_heap()
+        return report
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         d = self.dims
