@@ -400,6 +400,14 @@ def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
     return n("seqlens_k"), n("total"), n("query_seqlens")
 
 
+def _shape_range(node: onnx.NodeProto) -> tuple[int, int]:
+    """The [start, end) axes a Shape node reads from a rank-4 KV tensor."""
+    start, end = attr(node, "start", 0), attr(node, "end", None)
+    start = start + 4 if start < 0 else start
+    end = 4 if end is None else (end + 4 if end < 0 else min(end, 4))
+    return start, end
+
+
 def _past_length_from_mask(graph: onnx.GraphProto, past: set[str], fused: set[str], prefix: str) -> str:
     """Make the past length come from the mask, not from the past tensors' shape; "" or the reason it can't.
 
@@ -414,9 +422,7 @@ def _past_length_from_mask(graph: onnx.GraphProto, past: set[str], fused: set[st
             continue
         if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
             return f"{used[0]} is read by {node.op_type} {node.name}"
-        start, end = attr(node, "start", 0), attr(node, "end", None)
-        start = start + 4 if start < 0 else start
-        end = 4 if end is None else (end + 4 if end < 0 else min(end, 4))
+        start, end = _shape_range(node)
         if end <= 2 or start >= 3:
             continue
         if (start, end) != (2, 3):
@@ -511,9 +517,7 @@ def kv_cache_mode(model: onnx.ModelProto) -> str:
             if node.op_type == GQA and node.domain == MS_DOMAIN:
                 continue
             if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
-                start, end = attr(node, "start", 0), attr(node, "end", None)
-                start = start + 4 if start < 0 else start
-                end = 4 if end is None else (end + 4 if end < 0 else min(end, 4))
+                start, end = _shape_range(node)
                 if end <= 2 or start >= 3:
                     continue
             return "concat"

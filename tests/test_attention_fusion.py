@@ -274,11 +274,7 @@ def test_shared_kv_buffer_equals_concat(graphs_a, graphs_b, which):
 def test_partial_fusion_is_not_shared(graphs_a):
     """A layer left unfused still concatenates its cache: the graph must not be marked shared."""
     g = graphs_a
-    model = onnx.ModelProto()
-    model.CopyFrom(g.optimized)
-    sm = next(n for n in model.graph.node if n.op_type == "Softmax")
-    model.graph.output.append(onnx.helper.make_tensor_value_info(sm.output[0], onnx.TensorProto.FLOAT, None))
-    fused, report = fuse_attention(model, g.n_head, g.hidden, op=GQA)
+    fused, report = fuse_attention(_with_exposed_softmax(g.optimized), g.n_head, g.hidden, op=GQA)
     assert report["fused"] == g.n_layer - 1
     assert report["kv_cache"] == "concat" and "not fused" in report["kv_cache_reason"]
 
@@ -355,13 +351,19 @@ def test_runtime_runs_fused_graph_unchanged(graphs_a, package_copy):
 # ------------------------------------------------------------------------------------ partial / no match
 
 
+def _with_exposed_softmax(src: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose first layer's attention probabilities are also a graph output (so it can't be fused)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(src)
+    sm = next(n for n in model.graph.node if n.op_type == "Softmax")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(sm.output[0], onnx.TensorProto.FLOAT, None))
+    return model
+
+
 def test_unmatched_layer_left_whole(graphs_a):
     """A layer whose attention probabilities are also a graph output is not fused; the others are."""
     g = graphs_a
-    model = onnx.ModelProto()
-    model.CopyFrom(g.optimized)
-    sm = next(n for n in model.graph.node if n.op_type == "Softmax")
-    model.graph.output.append(onnx.helper.make_tensor_value_info(sm.output[0], onnx.TensorProto.FLOAT, None))
+    model = _with_exposed_softmax(g.optimized)
     fused, report = fuse_attention(model, g.n_head, g.hidden)
     assert report["fused"] == g.n_layer - 1 and len(report["unmatched"]) == 1
     ops = Counter(n.op_type for n in fused.graph.node)
