@@ -53,7 +53,10 @@ def alias_gathered_weights(model) -> list[dict]:
         gathers = [n for n in users if n.op_type == "Gather" and n.input[0] == name]
         if not prepacked or not gathers or len(prepacked) + len(gathers) != len(users):
             continue
-        alias = TensorProto(name=f"{name}{ALIAS_SUFFIX}", data_type=t.data_type, dims=list(t.dims))
+        alias_name = f"{name}{ALIAS_SUFFIX}"
+        while alias_name in inits:
+            alias_name += "_"
+        alias = TensorProto(name=alias_name, data_type=t.data_type, dims=list(t.dims))
         for g in gathers:
             g.input[0] = alias.name
         pairs.append({"alias": alias, "source": name, "gathers": [g.name for g in gathers]})
