@@ -266,3 +266,28 @@ def test_generation_works_where_torch_cannot_be_imported(tiny_package):
     p = _run_py(textwrap.dedent(_BLOCKER) + textwrap.dedent(_GENERATE), tiny_package)
     assert p.returncode == 0, p.stderr
     assert "HEAVY []" in p.stdout and "True" in p.stdout
+
+
+def test_forward_in_place_equals_plain_run(tiny_package):
+    """DecoderSession.forward (used by check's probes) runs shared-KV variants the way generation does, with
+    the past in a buffer written in place; it gives what the plain past/present run gives."""
+    from gpt2deploy.package import Package
+    from gpt2deploy.runtime.session import DecoderSession
+
+    dec = DecoderSession(Package.open(tiny_package), "fp32", "cpu", threads=1)
+    assert dec.kv_shared
+    ids = np.array([[5, 6, 7, 8], [0, 0, 9, 10]], np.int64)
+    mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], np.int64)
+    runs = []
+    for shared in (True, False):
+        dec.kv_shared = shared
+        logits, past = dec.forward(ids, mask)
+        step_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        step, present = dec.forward(np.array([[11], [12]], np.int64), step_mask, past=past)
+        runs.append((logits, step, present))
+    (la, sa, pa), (lb, sb, pb) = runs
+    real = mask.astype(bool)
+    assert np.abs(la[real] - lb[real]).max() <= 1e-5 and np.abs(sa - sb).max() <= 1e-5
+    for x, y in zip(pa, pb):
+        assert x.shape == y.shape == (2, 4, 5, 16)
+        assert np.abs(x[:, :, 2:] - y[:, :, 2:]).max() <= 1e-5

@@ -39,6 +39,7 @@ class DecoderSession:
         self.past_names = [past_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.present_names = [present_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
+        self.kv_shared = package.variant(variant).get("kv_cache") == "shared"
 
     def _settle_memory(self, graph_path) -> dict:
         """After the load on the CPU: sparse mapped weights and a trimmed heap (see ``memory``)."""
@@ -66,9 +67,32 @@ class DecoderSession:
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -seq:]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": np.asarray(position_ids, np.int64)}
+        if self.kv_shared and self.device == "cpu":
+            return self._forward_in_place(feed, past, seq)
         feed.update(zip(self.past_names, past))
         out = self.session.run(self.output_names, feed)
         return out[0], out[1:]
+
+    def _forward_in_place(self, feed: dict, past: list, seq: int):
+        """The step as generation runs it on ``kv_cache: "shared"`` variants: each past copied into a buffer
+        with room for the new positions, bound as both past and present, written in place by the graph."""
+        import onnxruntime as ort
+
+        io = self.session.io_binding()
+        for name, arr in feed.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        b, h, n, d = past[0].shape
+        buffers, values = [], []  # the OrtValues wrap the buffers' memory: both stay alive until the run ends
+        for p_name, o_name, arr in zip(self.past_names, self.present_names, past):
+            buf = np.empty((b, h, n + seq, d), dtype=arr.dtype)
+            buf[:, :, :n] = arr
+            buffers.append(buf)
+            values.append(ort.OrtValue.ortvalue_from_numpy(buf))
+            io.bind_ortvalue_input(p_name, values[-1])
+            io.bind_ortvalue_output(o_name, values[-1])
+        io.bind_output("logits")
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[-1].numpy(), buffers
 
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
