@@ -81,6 +81,7 @@ def describe_package(path: str | os.PathLike) -> dict:
             "precision": v.get("precision"),
             "opset": v.get("opset"),
             "providers": v.get("providers", []),
+            "kv_cache": v.get("kv_cache", "concat"),
             "recipe": v.get("recipe", {}),
             "accuracy": None if acc is None else {**summary, "reference": acc.get("reference"), "failures": failures},
             "allowed_regression": bool(v.get("allowed_regression")),
@@ -137,7 +138,7 @@ def format_description(info: dict) -> str:
     n_kv = sum(1 for n in info["io"]["inputs"] if n.startswith("past_key_values."))
     lines.append(f"graph I/O input_ids, attention_mask, position_ids + {n_kv} past tensors -> logits + {n_kv} present ({info['io']['kv_layout']})")
     lines.append("")
-    header = ("variant", "file", "size", "precision", "providers", "gate", "ppl Δ", "top-1")
+    header = ("variant", "file", "size", "precision", "providers", "kv cache", "gate", "ppl Δ", "top-1")
     rows = [header]
     for name, v in info["variants"].items():
         acc = v["accuracy"]
@@ -153,6 +154,7 @@ def format_description(info: dict) -> str:
                 fmt_size(v["size"]),
                 v["precision"] or "-",
                 providers,
+                "in place" if v["kv_cache"] == "shared" else "concat",
                 gate,
                 fmt_pct(acc and acc["ppl_delta"], signed=True),
                 fmt_pct(acc and acc["top1"]),

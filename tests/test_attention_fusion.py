@@ -328,10 +328,16 @@ def test_greedy_tokens_equal(graphs_a):
     assert np.array_equal(ref, _greedy(g, g.session("optimized", MHA), ids, mask, 10))
 
 
-def test_runtime_runs_fused_graph_unchanged(graphs_a, package_copy):
-    """The package runtime drives the fused graph through the unchanged I/O contract."""
+def test_runtime_runs_fused_graph_unchanged(graphs_a, tiny_portable_package, tmp_path):
+    """The package runtime drives the fused graph through the unchanged I/O contract (past and present as
+    separate tensors: the portable package's manifest says kv_cache concat)."""
+    import shutil
+
     from gpt2deploy.package import Package
     from gpt2deploy.runtime.session import DecoderSession
+
+    package_copy = tmp_path / "pkg"
+    shutil.copytree(tiny_portable_package, package_copy)
 
     fused, _ = graphs_a.fused("optimized")
     ref_sess = DecoderSession(Package.open(package_copy), "fp32", "cpu", threads=1)
