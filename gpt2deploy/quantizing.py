@@ -48,7 +48,7 @@ SAMPLE_TEXT = (
     "the old shipping records were kept before the railway arrived in 1872."
 )
 SAMPLE_TOKENS = 64
-OPTIONS = {"attention", "accuracy_level", "bits", "head_bits", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
+OPTIONS = {"attention", "accuracy_level", "bits", "head_bits", "head_block_size", "head_symmetric", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
 
 
 def quantize_package(
@@ -152,11 +152,14 @@ def _quantize(model, mode, per_channel, block_size, exclude, options, progress):
     elif mode == "int4":
         from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
 
-        kw = {k: options[k] for k in ("accuracy_level", "bits", "head_bits", "embedding", "symmetric") if k in options}
+        kw = {k: options[k] for k in ("accuracy_level", "bits", "head_bits", "head_block_size", "head_symmetric", "embedding", "symmetric") if k in options}
         level = kw.setdefault("accuracy_level", DEFAULT_ACCURACY_LEVEL)
         progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level})")
         model, info = quantize_int4(model, block_size=block_size, exclude=exclude, **kw)
-        recipe = {"mode": "int4", "per_channel": False, "block_size": block_size, "accuracy_level": level, "head_bits": info["head_bits"]}
+        recipe = {
+            "mode": "int4", "per_channel": False, "block_size": block_size, "accuracy_level": level,
+            "head_bits": info["head_bits"], "head_block_size": info["head_block_size"], "head_symmetric": info["head_symmetric"],
+        }
     else:
         from quant.fp16 import convert_fp16
 
@@ -282,7 +285,9 @@ def _head_note(name: str, info: dict) -> str | None:
         return f"int8 blocks of {block} (MatMulNBits), shared with the embedding lookup" if tied else "int8, untied from the embedding"
     if name == "int4":
         bits = info.get("head_bits", info.get("bits"))
-        return f"{bits}-bit blocks of {info.get('block_size')}" + (", shared with the embedding lookup" if tied else "")
+        block = info.get("head_block_size") or info.get("block_size")
+        kind = "symmetric " if info.get("head_symmetric") else ""
+        return f"{bits}-bit {kind}blocks of {block}" + (", shared with the embedding lookup" if tied else "")
     return None
 
 

@@ -41,7 +41,7 @@ def quantize_row_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def _pow2_block(k: int, block_size: int) -> int:
+def pow2_block(k: int, block_size: int) -> int:
     """``block_size``, or the smallest power of two >= 16 covering K when K is smaller."""
     b = 16
     while b < min(k, block_size):
@@ -100,7 +100,7 @@ def share_tied_int8(model, block_size: int = 128) -> tuple:
 
     w = numpy_helper.to_array(inits[wname]).astype(np.float32)
     vocab, hidden = w.shape
-    bs = _pow2_block(hidden, block_size)
+    bs = pow2_block(hidden, block_size)
     b, scale = quantize_blocks_int8(w, bs)
     bname, sname = f"{wname}_q8", f"{wname}_q8_scale"
     mm = helper.make_node(
