@@ -48,14 +48,18 @@ SAMPLE_TEXT = (
     "the old shipping records were kept before the railway arrived in 1872."
 )
 SAMPLE_TOKENS = 64
-OPTIONS = {"attention", "accuracy_level", "bits", "head_bits", "head_block_size", "head_symmetric", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
+#: int8 weight granularities: per tensor and per channel (DynamicQuantizeMatMul), or 8-bit MatMulNBits blocks.
+GRANULARITIES = ("tensor", "channel", "block")
+INT8_BLOCK_SIZE = 128
+DEFAULT_BLOCK = 32
+OPTIONS = {"granularity", "attention", "accuracy_level", "bits", "head_bits", "head_block_size", "head_symmetric", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
 
 
 def quantize_package(
     path: str | os.PathLike,
     mode: str,
     per_channel: bool = False,
-    block_size: int = 32,
+    block_size: int | None = None,
     exclude: Iterable[str] = (),
     force: bool = False,
     progress: Progress = lambda msg: None,
@@ -63,8 +67,10 @@ def quantize_package(
 ) -> dict:
     """Quantize ``path``'s fp32 variant to ``mode`` and record it; return {"variant", "entry", "summary"}.
 
-    ``options`` pass through to the mode's pass: int8 ``share_embedding``, ``quantize_embedding``,
-    ``reduce_range``; int4 ``accuracy_level``, ``bits``, ``head_bits``, ``embedding``, ``symmetric``.
+    ``options`` pass through to the mode's pass: int8 ``granularity`` ("tensor", the default; "channel",
+    the same as ``per_channel``; "block": 8-bit MatMulNBits weight blocks of ``block_size``, default 128),
+    ``share_embedding``, ``quantize_embedding``, ``reduce_range``; int4 ``accuracy_level``, ``bits``,
+    ``head_bits``, ``embedding``, ``symmetric``. ``block_size`` defaults to 32 for int4.
     """
     from quant.int4 import check_block_size
 
@@ -72,6 +78,21 @@ def quantize_package(
         raise UsageError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
     from quant.errors import QuantError
 
+    granularity = options.pop("granularity", None)
+    if granularity is not None and mode != "int8":
+        raise UsageError(f"--granularity applies to int8 only; drop it for {mode}")
+    if mode == "int8":
+        if granularity not in (None, *GRANULARITIES):
+            raise UsageError(f"unknown granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
+        if per_channel and granularity not in (None, "channel"):
+            raise UsageError(f"--per-channel and --granularity {granularity} disagree; pass one of them")
+        granularity = granularity or ("channel" if per_channel else "tensor")
+        per_channel = granularity == "channel"
+        if block_size is not None and granularity != "block":
+            raise UsageError("--block-size applies to int8 only with --granularity block; drop it or add that")
+        options["granularity"] = granularity
+    if block_size is None:
+        block_size = INT8_BLOCK_SIZE if granularity == "block" else DEFAULT_BLOCK
     try:
         check_block_size(block_size)
     except QuantError as e:
@@ -142,13 +163,20 @@ def quantize_package(
 
 
 def _quantize(model, mode, per_channel, block_size, exclude, options, progress):
-    if mode == "int8":
+    if mode == "int8" and options.get("granularity") == "block":
+        from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
+
+        progress(f"quantizing to int8 MatMulNBits (symmetric blocks of {block_size}, accuracy_level {DEFAULT_ACCURACY_LEVEL})")
+        model, info = quantize_int4(model, block_size=block_size, bits=8, symmetric=True, exclude=exclude)
+        info["mode"] = "int8"
+        recipe = {"mode": "int8", "granularity": "block", "per_channel": False, "block_size": block_size, "accuracy_level": DEFAULT_ACCURACY_LEVEL}
+    elif mode == "int8":
         from quant.int8 import quantize_int8
 
         kw = {k: options[k] for k in ("reduce_range", "share_embedding", "quantize_embedding") if k in options}
         progress(f"quantizing to int8 ({'per-channel' if per_channel else 'per-tensor'} weights, dynamic activations)")
         model, info = quantize_int8(model, per_channel=per_channel, exclude=exclude, workdir=None, **kw)
-        recipe = {"mode": "int8", "per_channel": per_channel, "block_size": None, "accuracy_level": None}
+        recipe = {"mode": "int8", "granularity": options["granularity"], "per_channel": per_channel, "block_size": None, "accuracy_level": None}
     elif mode == "int4":
         from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
 
@@ -211,7 +239,9 @@ def providers_for(name: str, kv_cache: str) -> list[str]:
     return list(PROVIDERS[name])
 
 
-def note_for(name: str, kv_cache: str) -> str:
+def note_for(name: str, kv_cache: str, granularity: str | None = None) -> str:
+    if name == "int8" and granularity == "block":
+        return "CPU variant: int8 weights in symmetric blocks (MatMulNBits), activations quantized to int8 per block at run time"
     if kv_cache == "shared" and "CUDAExecutionProvider" in PROVIDERS[name]:
         return NOTES[name].replace("CPU and CUDA variant", "CPU variant (in-place KV cache; quantize with --attention mha for CUDA)")
     return NOTES[name]
@@ -235,7 +265,7 @@ def _entry(pkg, name, files, recipe, fused, info, check, kv_cache="concat") -> d
         recipe=recipe,
         providers=providers_for(name, kv_cache),
         sample_check=check,
-        note=note_for(name, kv_cache),
+        note=note_for(name, kv_cache, recipe.get("granularity")),
         kv_cache=kv_cache,
     )
 
@@ -281,7 +311,7 @@ def _commit(pkg: Package, name: str, stage: Path, written: list[Path], files: li
 def _head_note(name: str, info: dict) -> str | None:
     tied = (info.get("tied_embedding") or {}).get("shared")
     if name == "int8":
-        block = (info.get("tied_embedding") or {}).get("block_size")
+        block = (info.get("tied_embedding") or {}).get("block_size") or info.get("block_size")
         return f"int8 blocks of {block} (MatMulNBits), shared with the embedding lookup" if tied else "int8, untied from the embedding"
     if name == "int4":
         bits = info.get("head_bits", info.get("bits"))

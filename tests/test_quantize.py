@@ -250,3 +250,49 @@ def test_int4_all_4bit_with_head_bits_4(cli, package_copy):
     assert bits == {4}
     fp32 = onnx.load(str(package_copy / "onnx/model.onnx"))
     assert matmul_weight_bytes(model)["quantized"] <= 0.20 * matmul_weight_bytes(fp32)["float"]
+
+
+def test_int8_block_granularity(cli, package_copy):
+    """--granularity block: every weight MatMul (lm_head included) is an 8-bit MatMulNBits, the embedding reads
+    the head's blocks, logits stay within the int8 tolerance of fp32 and the variant generates."""
+    from collections import Counter
+
+    import onnx
+
+    import gpt2deploy
+    from gpt2deploy.package import Package
+    from gpt2deploy.runtime.session import DecoderSession
+
+    r = cli("quantize", package_copy, "--mode", "int8", "--granularity", "block", "--block-size", "32")
+    assert r.exit_code == 0, r.stderr
+    pkg = Package.open(package_copy)
+    e = pkg.variant("int8")
+    assert e["file"] == "onnx/model_int8.onnx"
+    assert e["recipe"]["granularity"] == "block" and e["recipe"]["block_size"] == 32 and e["recipe"]["accuracy_level"] == 4
+    assert e["recipe"]["quantized_matmuls"] == 9 and e["recipe"]["skipped_matmuls"] == 0
+    model = onnx.load(str(package_copy / e["file"]))
+    ops = Counter(n.op_type for n in model.graph.node)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 9 and ops["MatMul"] == 0 and ops["MatMulInteger"] == 0 and ops["DynamicQuantizeLinear"] == 0
+    assert all(next(a.i for a in n.attribute if a.name == "bits") == 8 for n in nbits)
+    assert any(n.output[0] == "logits" for n in nbits)
+    ids = _text_ids(pkg, 40)
+    ref, _ = DecoderSession(pkg, "fp32", "cpu", threads=1).forward(np.array([ids]))
+    got, _ = DecoderSession(pkg, "int8", "cpu", threads=1).forward(np.array([ids]))
+    assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < REL_RMS["int8"]
+    assert 1 <= len(gpt2deploy.load(package_copy, variant="int8", device="cpu").generate_ids([[1, 2, 3]], max_new_tokens=4).tokens[0]) <= 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode", "int4", "--granularity", "block"], "--granularity applies to int8 only"),
+        (["--mode", "int8", "--granularity", "row"], "unknown granularity 'row'"),
+        (["--mode", "int8", "--granularity", "block", "--per-channel"], "disagree"),
+        (["--mode", "int8", "--block-size", "64"], "--block-size applies to int8 only with --granularity block"),
+        (["--mode", "int8", "--granularity", "block", "--block-size", "48"], "power of two"),
+    ],
+)
+def test_int8_granularity_bad_input(cli, tiny_package, args, message):
+    r = cli("quantize", tiny_package, *args)
+    assert r.exit_code == 2 and message in r.stderr, r.stderr

@@ -19,7 +19,10 @@ def quantize_cmd(
     package: Path = typer.Argument(..., help="Package directory (written by 'gpt2deploy export' or 'build')."),
     mode: str = typer.Option(..., "--mode", "-m", help="int8 (CPU), int4 (CPU and CUDA, MatMulNBits) or fp16 (CUDA)."),
     per_channel: bool = typer.Option(False, "--per-channel", help="int8: one scale per output column instead of per matrix."),
-    block_size: int = typer.Option(32, "--block-size", help="int4: weights per quantization block (power of two >= 16)."),
+    granularity: Optional[str] = typer.Option(
+        None, "--granularity", help="int8 weight scales: tensor (default), channel (= --per-channel) or block (8-bit MatMulNBits blocks: more accurate, a little larger)."
+    ),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="Weights per quantization block (power of two >= 16): int4 (default 32), int8 --granularity block (default 128)."),
     exclude: str = typer.Option("", "--exclude", help="Comma list of MatMuls to keep in float: node or weight names, a weight prefix ending in '.', or lm_head."),
     head_bits: Optional[int] = typer.Option(None, "--head-bits", help="int4: bits of the lm_head and tied embedding table (default 8; 4 is ~15% faster, smaller, less accurate)."),
     attention: Optional[str] = typer.Option(
@@ -39,6 +42,7 @@ def quantize_cmd(
         force=force,
         **({"head_bits": head_bits} if head_bits is not None else {}),
         **({"attention": attention} if attention is not None else {}),
+        **({"granularity": granularity} if granularity is not None else {}),
         progress=lambda m: say(f"[quantize {mode}] {m}"),
     )
     s = result["summary"]
