@@ -450,18 +450,25 @@ def _past_length_from_mask(graph: onnx.GraphProto, past: set[str], fused: set[st
     return ""
 
 
-def _attention_node(m: LayerMatch, op: str, num_heads: int, out: str, bias: str, lengths: tuple[str, str, str] | None, i: int) -> onnx.NodeProto:
+def _make_attention(op: str, qkv: tuple[str, str, str], past: tuple[str, str], bias: str, outputs: list[str], name: str,
+                    num_heads: int, scale: float, lengths: tuple[str, str, str] | None) -> onnx.NodeProto:
+    """One ``op`` node: each contrib op's input order in one place (GQA also takes ``lengths``)."""
     if op == MHA:
-        inputs = [m.query, m.key, m.value, "", "", bias, m.past_key, m.past_value]
+        inputs = [*qkv, "", "", bias, *past]
         extra = {}
     else:
         seqlens_k, total, query_seqlens = lengths
-        inputs = [m.query, m.key, m.value, m.past_key, m.past_value, seqlens_k, total, "", "", "", bias, "", "", "", "", "", query_seqlens]
+        inputs = [*qkv, *past, seqlens_k, total, "", "", "", bias, "", "", "", "", "", query_seqlens]
         extra = {"kv_num_heads": num_heads}
-    return helper.make_node(
-        op, inputs, [out, m.present_key, m.present_value], name=f"fused_attention_{i}", domain=MS_DOMAIN,
-        num_heads=num_heads, scale=m.scale, **extra,
-    )
+    return helper.make_node(op, inputs, outputs, name=name, domain=MS_DOMAIN, num_heads=num_heads, scale=scale, **extra)
+
+
+def _op_inputs(node: onnx.NodeProto) -> tuple[tuple[str, str, str], tuple[str, str], str]:
+    """(Q/K/V, past K/V, mask bias) of a fused node, read back by its op's input order."""
+    ins = list(node.input) + [""] * 17
+    if node.op_type == MHA:
+        return (ins[0], ins[1], ins[2]), (ins[6], ins[7]), ins[5]
+    return (ins[0], ins[1], ins[2]), (ins[3], ins[4]), ins[10]
 
 
 def _rewire_output(graph: onnx.GraphProto, index: GraphIndex, m: LayerMatch, fused_out: str, num_heads: int, head_dim: int, i: int) -> list[onnx.NodeProto]:
@@ -480,23 +487,14 @@ def _rewire_output(graph: onnx.GraphProto, index: GraphIndex, m: LayerMatch, fus
     return [helper.make_node("Reshape", [fused_out, shape], [t_out], name=f"fused_attention_{i}_heads")]
 
 
-def _shared_kv(graph: onnx.GraphProto, matches: list[LayerMatch], n_layers: int) -> tuple[str, str]:
-    """("shared", "") when every layer's KV may live in one in-place buffer, else ("concat", why not)."""
-    if len(matches) != n_layers:
-        return "concat", f"{n_layers - len(matches)} of {n_layers} attention layers are not fused"
-    past = {x for m in matches for x in (m.past_key, m.past_value)}
-    inputs = {i.name for i in graph.input}
-    if not past <= inputs:
-        return "concat", "the past KV of some layer is not a graph input"
-    fused = {f"fused_attention_{i}" for i in range(len(matches))}
-    reason = _past_length_from_mask(graph, past, fused, "fused_attention_lengths")
-    if reason:
-        return "concat", reason
-    outputs = {o.name for o in graph.output}
-    presents = {x for m in matches for x in (m.present_key, m.present_value)}
-    if not presents <= outputs:
-        return "concat", "the present KV of some layer is not a graph output"
-    return "shared", ""
+def _share_kv(graph: onnx.GraphProto) -> str:
+    """Rewrite the past-length reads so the KV may live in one in-place buffer; "" or the reason it can't.
+
+    Whether the result is shared is then decided from the graph alone (``kv_cache_mode``).
+    """
+    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    fused = {n.name for n in graph.node if n.op_type == GQA and n.domain == MS_DOMAIN}
+    return _past_length_from_mask(graph, past, fused, "fused_attention_lengths")
 
 
 def kv_cache_mode(model: onnx.ModelProto) -> str:
@@ -536,37 +534,24 @@ def retarget(model: onnx.ModelProto, op: str) -> tuple[onnx.ModelProto, int]:
     if op not in OPS:
         raise QuantError(f"unknown attention op {op!r}; use one of {', '.join(OPS)}")
     other = GQA if op == MHA else MHA
-    todo = [n for n in model.graph.node if n.op_type == other and n.domain == MS_DOMAIN and n.name.startswith("fused_attention_")]
-    if not todo:
+    def swappable(n):
+        return n.op_type == other and n.domain == MS_DOMAIN and n.name.startswith("fused_attention_")
+
+    if not any(swappable(n) for n in model.graph.node):
         return model, 0
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    lengths = None
-    for k, node in enumerate(list(graph.node)):
-        if node.op_type != other or node.domain != MS_DOMAIN or not node.name.startswith("fused_attention_"):
-            continue
-        ins = list(node.input) + [""] * 17
-        num_heads, scale = attr(node, "num_heads"), attr(node, "scale")
-        if op == MHA:
-            q, kk, v, pk, pv, bias = ins[0], ins[1], ins[2], ins[3], ins[4], ins[10]
-            new = helper.make_node(MHA, [q, kk, v, "", "", bias, pk, pv], list(node.output), name=node.name, domain=MS_DOMAIN, num_heads=num_heads, scale=scale)
-        else:
-            if lengths is None:
-                lengths = _gqa_lengths(graph, "fused_attention_lengths")
-            seqlens_k, total, query_seqlens = lengths
-            q, kk, v, bias, pk, pv = ins[0], ins[1], ins[2], ins[5], ins[6], ins[7]
-            new = helper.make_node(
-                GQA, [q, kk, v, pk, pv, seqlens_k, total, "", "", "", bias, "", "", "", "", "", query_seqlens], list(node.output),
-                name=node.name, domain=MS_DOMAIN, num_heads=num_heads, scale=scale, kv_num_heads=num_heads,
-            )
+    lengths = _gqa_lengths(graph, "fused_attention_lengths") if op == GQA else None
+    todo = [n for n in graph.node if swappable(n)]
+    for node in todo:
+        qkv, past, bias = _op_inputs(node)
+        new = _make_attention(op, qkv, past, bias, list(node.output), node.name, attr(node, "num_heads"), attr(node, "scale"), lengths)
         pos = list(graph.node).index(node)
         graph.node.remove(node)
         graph.node.insert(pos, new)
     if op == GQA:
-        past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
-        fused = {n.name for n in graph.node if n.op_type == GQA}
-        _past_length_from_mask(graph, past, fused, "fused_attention_lengths")
+        _share_kv(graph)
     remove_dead_nodes(graph)
     return out, len(todo)
 
@@ -641,7 +626,10 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
     for i, m in enumerate(resolved):
         bias = _safe_mask_bias(graph, index, m.mask_bias, bias_cache)
         fused_out = f"fused_attention_{i}_output"
-        node = _attention_node(m, op, num_heads, fused_out, bias, lengths, i)
+        node = _make_attention(
+            op, (m.query, m.key, m.value), (m.past_key, m.past_value), bias, [fused_out, m.present_key, m.present_value],
+            f"fused_attention_{i}", num_heads, m.scale, lengths,
+        )
         extra = _rewire_output(graph, index, m, fused_out, num_heads, head_dim, i)
         pos = list(graph.node).index(m.out_transpose)
         for k, new in enumerate([node, *extra]):
@@ -652,7 +640,8 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     remove_dead_nodes(graph)
     if op == GQA:
-        report["kv_cache_reason"] = _shared_kv(graph, resolved, n_layers=len(softmaxes))[1]
+        unfused = len(softmaxes) - len(matches)
+        report["kv_cache_reason"] = f"{unfused} of {len(softmaxes)} attention layers are not fused" if unfused else _share_kv(graph)
     report["kv_cache"] = kv_cache_mode(out)
     live = {x for n in graph.node for x in (*n.input, *n.output)}
     vis = [vi for vi in graph.value_info if vi.name in live]
