@@ -10,7 +10,7 @@ from typing import Callable
 
 from . import __version__
 from .fsutil import check_output_dir, staged_dir
-from .manifest import CONFIG_FILES, FORMAT, SCHEMA_VERSION, TOKENIZER_FILES, VARIANT_FILES, file_entry, io_contract, save_manifest
+from .manifest import CONFIG_FILES, FORMAT, SCHEMA_VERSION, TOKENIZER_FILES, VARIANT_FILES, file_entry, io_contract, providers_for_graph, save_manifest
 from .versions import library_versions
 
 Progress = Callable[[str], None]
@@ -54,9 +54,8 @@ def _generation_defaults(ckpt_dir: Path, dims: dict) -> dict:
     return out
 
 
-#: Where each form of the fp32 graph runs. The optimized graph's GroupQueryAttention takes the padding mask
-#: as a bias, which ONNX Runtime's CUDA kernel rejects; the portable graph is plain ONNX.
-FP32_PROVIDERS = {True: ["CPUExecutionProvider"], False: ["CPUExecutionProvider", "CUDAExecutionProvider"]}
+#: Providers of the plain fp32 graph; the optimized one is CPU-only (``providers_for_graph``).
+FP32_PROVIDERS = ["CPUExecutionProvider", "CUDAExecutionProvider"]
 
 
 def export_package(
@@ -134,7 +133,7 @@ def export_package(
                     precision="fp32",
                     opset=opset,
                     recipe={"exporter": "torch.onnx.export(dynamo=True)", "optimize": optimize, "fused": fused},
-                    providers=FP32_PROVIDERS[optimize],
+                    providers=providers_for_graph(FP32_PROVIDERS, fused),
                     parity=parity,
                     kv_cache=kv_cache,
                 )

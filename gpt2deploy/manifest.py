@@ -36,6 +36,16 @@ VARIANT_FILES = {
 #: present: the valid length is the attention_mask width, and the new keys/values are written in place.
 KV_CACHE_MODES = ("concat", "shared")
 
+
+def providers_for_graph(providers: list[str], fused: dict) -> list[str]:
+    """``providers`` a graph is built for, less CUDA when it holds GroupQueryAttention (``fused``: op counts).
+
+    The fused GroupQueryAttention takes the padding mask as a bias, which ONNX Runtime's CUDA kernel rejects.
+    """
+    if not fused.get("GroupQueryAttention"):
+        return list(providers)
+    return [p for p in providers if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 CONFIG_FILES = ("config.json", "generation_config.json")
 

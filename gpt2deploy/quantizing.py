@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import PackageError, UsageError, VariantError
-from .manifest import VARIANT_FILES
+from .manifest import VARIANT_FILES, providers_for_graph
 from .package import Package
 
 Progress = Callable[[str], None]
@@ -50,8 +50,6 @@ SAMPLE_TEXT = (
 SAMPLE_TOKENS = 64
 #: int8 weight granularities: per tensor and per channel (DynamicQuantizeMatMul), or 8-bit MatMulNBits blocks.
 GRANULARITIES = ("tensor", "channel", "block")
-INT8_BLOCK_SIZE = 128
-DEFAULT_BLOCK = 32
 OPTIONS = {"granularity", "attention", "accuracy_level", "bits", "head_bits", "head_block_size", "head_symmetric", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
 
 
@@ -72,7 +70,8 @@ def quantize_package(
     ``share_embedding``, ``quantize_embedding``, ``reduce_range``; int4 ``accuracy_level``, ``bits``,
     ``head_bits``, ``embedding``, ``symmetric``. ``block_size`` defaults to 32 for int4.
     """
-    from quant.int4 import check_block_size
+    from quant.int4 import DEFAULT_BLOCK_SIZE, check_block_size
+    from quant.tied_int8 import INT8_BLOCK_SIZE
 
     if mode not in MODES:
         raise UsageError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
@@ -92,7 +91,7 @@ def quantize_package(
             raise UsageError("--block-size applies to int8 only with --granularity block; drop it or add that")
         options["granularity"] = granularity
     if block_size is None:
-        block_size = INT8_BLOCK_SIZE if granularity == "block" else DEFAULT_BLOCK
+        block_size = INT8_BLOCK_SIZE if granularity == "block" else DEFAULT_BLOCK_SIZE
     try:
         check_block_size(block_size)
     except QuantError as e:
@@ -232,17 +231,10 @@ def _sample_check(pkg: Package, graph: Path, fp32_path: Path, name: str) -> dict
     return result
 
 
-def providers_for(name: str, kv_cache: str) -> list[str]:
-    """The mode's providers, less CUDA for a GroupQueryAttention graph (in-place KV cache, CPU only)."""
-    if kv_cache == "shared":
-        return [p for p in PROVIDERS[name] if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
-    return list(PROVIDERS[name])
-
-
-def note_for(name: str, kv_cache: str, granularity: str | None = None) -> str:
+def note_for(name: str, providers: list[str], granularity: str | None = None) -> str:
     if name == "int8" and granularity == "block":
         return "CPU variant: int8 weights in symmetric blocks (MatMulNBits), activations quantized to int8 per block at run time"
-    if kv_cache == "shared" and "CUDAExecutionProvider" in PROVIDERS[name]:
+    if "CUDAExecutionProvider" in PROVIDERS[name] and "CUDAExecutionProvider" not in providers:
         return NOTES[name].replace("CPU and CUDA variant", "CPU variant (in-place KV cache; quantize with --attention mha for CUDA)")
     return NOTES[name]
 
@@ -256,6 +248,7 @@ def _entry(pkg, name, files, recipe, fused, info, check, kv_cache="concat") -> d
 
     header = onnx.load(str(pkg.root / files[0]), load_external_data=False)
     recipe = dict(recipe, fused=fused, source="fp32", source_sha256=pkg.variant("fp32")["files"][0]["sha256"], details=info)
+    providers = providers_for_graph(PROVIDERS[name], fused)
     return variant_entry(
         pkg.root,
         name,
@@ -263,9 +256,9 @@ def _entry(pkg, name, files, recipe, fused, info, check, kv_cache="concat") -> d
         precision=PRECISION[name],
         opset=opset(header),
         recipe=recipe,
-        providers=providers_for(name, kv_cache),
+        providers=providers,
         sample_check=check,
-        note=note_for(name, kv_cache, recipe.get("granularity")),
+        note=note_for(name, providers, recipe.get("granularity")),
         kv_cache=kv_cache,
     )
 

@@ -20,7 +20,7 @@ from .exclude import lm_head_nodes, resolve_exclude
 from .int8 import quiet_ort_logging
 from .lm_head import untie_lm_head
 from .report import describe
-from .tied_int8 import int8_embedding, pow2_block
+from .tied_int8 import INT8_BLOCK_SIZE, int8_embedding, pow2_block
 from .tied_nbits import share_tied_nbits
 
 DEFAULT_BLOCK_SIZE = 32
@@ -31,7 +31,7 @@ DEFAULT_HEAD_BITS = 8
 #: An 8-bit lm_head (tied table) is quantized in symmetric blocks of 128, the int8 variant's layout: on the
 #: GPT-2-small shape as fast as blocks of 32 with zero points, 5 MB smaller, and as accurate on gpt2-ref
 #: (top-1 95.73% vs 95.68%, ppl +0.48% vs +0.58%). A 4-bit head follows the body's blocks.
-DEFAULT_HEAD_BLOCK_SIZE = 128
+DEFAULT_HEAD_BLOCK_SIZE = INT8_BLOCK_SIZE
 EMBEDDINGS = ("tied", "int8", "int4", "fp32")
 
 

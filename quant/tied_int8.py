@@ -21,6 +21,10 @@ import numpy as np
 
 from .graph import consumers, ensure_opset, initializers, producers
 
+#: Symmetric 8-bit MatMulNBits blocks along K: the tied table's layout, also int4's 8-bit head and int8
+#: ``granularity="block"``.
+INT8_BLOCK_SIZE = 128
+
 
 def _ids_rank(model, name: str) -> int | None:
     for vi in list(model.graph.input) + list(model.graph.value_info):
@@ -65,7 +69,7 @@ def quantize_blocks_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np
     return (q + 128).astype(np.uint8), scale.reshape(-1)
 
 
-def share_tied_int8(model, block_size: int = 128) -> tuple:
+def share_tied_int8(model, block_size: int = INT8_BLOCK_SIZE) -> tuple:
     """Rewrite the tied lm_head + embedding pair; return ``(model, info)`` (info["shared"] False if absent).
 
     Expects the fp32 graph before ``untie_lm_head``: ``MatMul(x, Transpose(W))`` and ``Gather(W, ids)``.
