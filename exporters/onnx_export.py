@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 
 from .errors import ExportError
+from .logits_to_keep import NAME as LOGITS_TO_KEEP
+from .logits_to_keep import add_logits_to_keep
 
 MIN_OPSET = 18  # the dynamo exporter's minimum
 MAX_OPSET = 23
@@ -169,6 +171,7 @@ def export_onnx(model, onnx_path: str | Path, opset: int = DEFAULT_OPSET) -> dic
     _finalize_on_disk(onnx_path)
     return {
         "inputs": input_names(n_layer),
+        "optional_inputs": [LOGITS_TO_KEEP],
         "outputs": output_names(n_layer),
         "external_data": external,
         "n_params": int(n_params),
@@ -177,7 +180,7 @@ def export_onnx(model, onnx_path: str | Path, opset: int = DEFAULT_OPSET) -> dic
 
 
 def _finalize_on_disk(onnx_path: Path) -> None:
-    """Give the dynamic axes Optimum's names and drop the exporter's debug metadata.
+    """Give the dynamic axes Optimum's names, add the optional ``logits_to_keep`` input, drop debug metadata.
 
     The mask/present length becomes 'past_sequence_length + sequence_length'. Per-node metadata (stack
     traces with the exporting machine's file paths, fx node dumps) is removed so the same checkpoint gives
@@ -191,6 +194,7 @@ def _finalize_on_disk(onnx_path: Path) -> None:
             if d.HasField("dim_param") and d.dim_param not in (BATCH, SEQ, PAST, TOTAL):
                 if vi.name == "attention_mask" or vi.name.startswith("present."):
                     d.dim_param = TOTAL
+    add_logits_to_keep(model)
     graphs = [model.graph]
     while graphs:
         g = graphs.pop()

@@ -1,7 +1,7 @@
 """Parity of an exported graph with the PyTorch checkpoint on real text.
 
 Three checks, all on tokenized English prompts:
-- prompt step (past length 0);
+- prompt step (past length 0), all positions and, when the graph takes ``logits_to_keep``, the last alone;
 - several greedy decode steps feeding ``present`` back as ``past``;
 - a batch of two prompts of different lengths with left padding (prompt step and decode steps).
 Max abs logit difference must stay within ``atol`` and greedy tokens must be identical.
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ParityError
+from .logits_to_keep import NAME as LOGITS_TO_KEEP
 from .onnx_export import CachedLM, input_names
 
 DEFAULT_PROMPTS = (
@@ -43,6 +44,7 @@ class _Runner:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
@@ -50,9 +52,16 @@ class _Runner:
         cfg = model.config
         self.n_layer, self.n_head, self.head_dim = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
         self.names = input_names(self.n_layer)
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.sess.get_overridable_initializers()}
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.n_head, 0, self.head_dim), np.float32) for _ in range(2 * self.n_layer)]
+
+    def last_logits(self, ids, mask, pos, past) -> np.ndarray:
+        """The graph's logits with ``logits_to_keep`` = 1: the last position only."""
+        feed = dict(zip(self.names, [ids, mask, pos, *past]))
+        feed[LOGITS_TO_KEEP] = np.array([1], np.int64)
+        return self.sess.run(["logits"], feed)[0]
 
     def step(self, ids, mask, pos, past):
         import torch
@@ -79,6 +88,9 @@ def _run_sequence(r: _Runner, rows: list[list[int]], pad_id: int, steps: int) ->
     pos = _positions(mask, ids.shape[1])
     ort_out, ref = r.step(ids, mask, pos, r.empty_past(len(rows)))
     prompt_diff = _diff(ort_out[0], ref[0], mask)
+    if r.keeps_logits:  # the prompt step as generation runs it: the last position's logits alone
+        last = r.last_logits(ids, mask, pos, r.empty_past(len(rows)))
+        prompt_diff = max(prompt_diff, _diff(last, ref[0][:, -1:]) if last.shape[1] == 1 else float("inf"))
     seq_mask = mask.astype(bool)[:, None, :, None]  # pad positions hold don't-care values
     present_diff = max(float(np.abs(a - b)[np.broadcast_to(seq_mask, a.shape)].max()) for a, b in zip(ort_out[1:], ref[1:]))
     decode_diff = 0.0

@@ -122,7 +122,7 @@ def export_package(
                 "n_params": meta["n_params"],
             },
             "model": dims,
-            "io": io_contract(dims["n_layer"], dims["n_head"], dims["head_dim"], dims["vocab_size"]),
+            "io": io_contract(dims["n_layer"], dims["n_head"], dims["head_dim"], dims["vocab_size"], tuple(meta["optional_inputs"])),
             "generation": _generation_defaults(ckpt.path, dims),
             "files": {n: file_entry(tmp, n) for n in shared},
             "variants": {

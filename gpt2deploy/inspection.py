@@ -102,6 +102,7 @@ def describe_package(path: str | os.PathLike) -> dict:
         "io": {
             "inputs": [i["name"] for i in io.get("inputs", [])],
             "outputs": [o["name"] for o in io.get("outputs", [])],
+            "optional_inputs": [t["name"] for t in io.get("optional_inputs") or []],
             "kv_layout": io.get("kv_layout"),
         },
         "generation": pkg.generation_defaults,
@@ -136,7 +137,10 @@ def format_description(info: dict) -> str:
         f"vocab {m.get('vocab_size')}, context {m.get('n_positions')}, eos {m.get('eos_token_id')}"
     )
     n_kv = sum(1 for n in info["io"]["inputs"] if n.startswith("past_key_values."))
-    lines.append(f"graph I/O input_ids, attention_mask, position_ids + {n_kv} past tensors -> logits + {n_kv} present ({info['io']['kv_layout']})")
+    optional = "".join(f" [+ {n}]" for n in info["io"].get("optional_inputs", []))
+    lines.append(
+        f"graph I/O input_ids, attention_mask, position_ids + {n_kv} past tensors{optional} -> logits + {n_kv} present ({info['io']['kv_layout']})"
+    )
     lines.append("")
     header = ("variant", "file", "size", "precision", "providers", "kv cache", "gate", "ppl Δ", "top-1")
     rows = [header]

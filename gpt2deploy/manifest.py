@@ -61,8 +61,17 @@ def present_name(layer: int, kind: str) -> str:
     return f"present.{layer}.{kind}"
 
 
-def io_contract(n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> dict:
-    """The graph I/O contract (Hugging Face Optimum names), KV layout [batch, heads, seq, head_dim]."""
+#: Optional graph inputs (initializers listed as inputs: ONNX's defaults) the runtime may feed.
+#: ``logits_to_keep`` int64 [1]: logits for the last N positions only (0, the default: all of them).
+LOGITS_TO_KEEP = "logits_to_keep"
+OPTIONAL_INPUTS = {LOGITS_TO_KEEP: {"name": LOGITS_TO_KEEP, "dtype": "int64", "shape": [1], "default": [0]}}
+
+
+def io_contract(n_layer: int, n_head: int, head_dim: int, vocab_size: int, optional: tuple[str, ...] = ()) -> dict:
+    """The graph I/O contract (Hugging Face Optimum names), KV layout [batch, heads, seq, head_dim].
+
+    ``optional`` names inputs of ``OPTIONAL_INPUTS`` the graph also takes (recorded as ``optional_inputs``).
+    """
     inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": [BATCH, SEQ]},
         {"name": "attention_mask", "dtype": "int64", "shape": [BATCH, TOTAL]},
@@ -73,7 +82,15 @@ def io_contract(n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> di
         for kind in ("key", "value"):
             inputs.append({"name": past_name(i, kind), "dtype": "float32", "shape": [BATCH, n_head, PAST, head_dim]})
             outputs.append({"name": present_name(i, kind), "dtype": "float32", "shape": [BATCH, n_head, TOTAL, head_dim]})
-    return {"inputs": inputs, "outputs": outputs, "kv_layout": "batch,heads,sequence,head_dim"}
+    contract = {"inputs": inputs, "outputs": outputs, "kv_layout": "batch,heads,sequence,head_dim"}
+    if optional:
+        contract["optional_inputs"] = [dict(OPTIONAL_INPUTS[n]) for n in optional]
+    return contract
+
+
+def optional_input_names(contract: dict) -> set[str]:
+    """Names of the optional inputs an I/O contract lists (none for packages written before they existed)."""
+    return {t.get("name") for t in contract.get("optional_inputs") or [] if isinstance(t, dict)}
 
 
 def file_entry(root: str | Path, rel: str) -> dict:

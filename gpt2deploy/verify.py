@@ -53,6 +53,7 @@ class GraphIO:
     inputs: dict  # name -> (dtype, shape or None)
     outputs: dict
     external: list[str] | None  # external data locations, relative to the graph (None: not inspected)
+    optional: dict = field(default_factory=dict)  # inputs with a default (initializers listed as inputs)
 
 
 def verify_package(path: str | os.PathLike, hashes: bool = True, graphs: bool = True, reader: str = "auto") -> VerifyReport:
@@ -165,6 +166,13 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
                 why = _mismatch(want[n], have[n])
                 if why:
                     problems.append(f"{rel}: {kind} {n} {why}")
+    for t in contract.get("optional_inputs") or []:
+        if t["name"] not in io.optional:
+            problems.append(f"{rel}: graph lacks the optional input {t['name']} the manifest lists; rebuild variant {name}")
+        else:
+            why = _mismatch((t["dtype"], t["shape"]), io.optional[t["name"]])
+            if why:
+                problems.append(f"{rel}: optional input {t['name']} {why}")
     if io.external is not None:
         listed = {e["path"] for e in variant["files"]}
         base = PurePosixPath(rel).parent
@@ -226,6 +234,7 @@ def _io_via_onnx(path: Path) -> GraphIO:
         {vi.name: one(vi) for vi in model.graph.input if vi.name not in inits},
         {vi.name: one(vi) for vi in model.graph.output},
         sorted(external),
+        {vi.name: one(vi) for vi in model.graph.input if vi.name in inits},
     )
 
 
@@ -240,4 +249,9 @@ def _io_via_onnxruntime(path: Path) -> GraphIO:
     def one(arg):
         return _ORT_DTYPES.get(arg.type, arg.type), arg.shape
 
-    return GraphIO({a.name: one(a) for a in sess.get_inputs()}, {a.name: one(a) for a in sess.get_outputs()}, None)
+    return GraphIO(
+        {a.name: one(a) for a in sess.get_inputs()},
+        {a.name: one(a) for a in sess.get_outputs()},
+        None,
+        {a.name: one(a) for a in sess.get_overridable_initializers()},
+    )

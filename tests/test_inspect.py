@@ -38,6 +38,7 @@ def test_inspect_json(built_package, cli):
     assert info["generation"]["eos_token_id"] == 50256
     assert "onnxruntime" in info["libraries"] and "torch" in info["libraries"]
     assert info["io"]["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"] and len(info["io"]["outputs"]) == 5
+    assert info["io"]["optional_inputs"] == ["logits_to_keep"]
     assert info["build"]["variants"] == list(ALL) and info["build"]["rejected"] == {}
 
 
@@ -46,6 +47,7 @@ def test_inspect_text(built_package, cli):
     assert r.exit_code == 0, r.output
     out = r.stdout
     assert "2 layers, 4 heads x 16, hidden 64, vocab 50257, context 128" in out
+    assert "+ 4 past tensors [+ logits_to_keep] -> logits" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in ALL}
     assert set(rows) == set(ALL)
     assert "onnx/model.onnx" in rows["fp32"] and "reference" in rows["fp32"]

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from ..manifest import LOGITS_TO_KEEP
 from .session import DecoderSession, positions_from_mask
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -96,6 +97,7 @@ class KVStepper:
         self.logits = np.empty((batch, 1, d.vocab_size), dtype=self.logits_dtype)
         self.mask = np.ones((batch, capacity), dtype=np.int64)
         self.ids = np.zeros((batch, 1), dtype=np.int64)
+        self._one = np.ones(1, dtype=np.int64)  # logits_to_keep, when the graph takes it
         self.pos = np.zeros((batch, 1), dtype=np.int64)
         self.io = dec.session.io_binding()
         self.length = 0
@@ -156,7 +158,11 @@ class KVStepper:
             self._bind_shared()
         else:
             self._bind_present(self._bind_cache(0), seq)
-        logits = np.empty((batch, seq, self.logits.shape[-1]), dtype=self.logits_dtype)
+        if self.dec.keeps_logits:  # only the last position is projected onto the vocabulary
+            self._bind_host(LOGITS_TO_KEEP, self._one)
+            logits = self.logits
+        else:
+            logits = np.empty((batch, seq, self.logits.shape[-1]), dtype=self.logits_dtype)
         self._bind_out("logits", "cpu", logits.dtype, list(logits.shape), logits.ctypes.data)
         self.dec.session.run_with_iobinding(self.io)
         self.cur, self.length = (0 if self.shared else 1), seq

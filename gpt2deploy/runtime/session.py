@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from ..manifest import past_name, present_name
+from ..manifest import LOGITS_TO_KEEP, optional_input_names, past_name, present_name
 from ..package import Package
 from .memory import advise_mapped_weights, trim_heap
 from .providers import providers_for, resolve_device
@@ -40,6 +40,9 @@ class DecoderSession:
         self.present_names = [present_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
         self.kv_shared = package.variant(variant).get("kv_cache") == "shared"
+        contract = package.variant(variant).get("io") or package.manifest.get("io") or {}
+        #: The graph projects only the last N positions when fed ``logits_to_keep`` (see exporters.logits_to_keep).
+        self.keeps_logits = LOGITS_TO_KEEP in optional_input_names(contract)
 
     def _settle_memory(self, graph_path) -> dict:
         """After the load on the CPU: sparse mapped weights and a trimmed heap (see ``memory``)."""
@@ -55,8 +58,12 @@ class DecoderSession:
         d = self.dims
         return [np.zeros((batch, d.n_head, 0, d.head_dim), np.float32) for _ in self.past_names]
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past=None):
-        """Run one step. ``position_ids`` default to the attention mask's cumulative sum (left padding safe)."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past=None, logits_to_keep: int = 0):
+        """Run one step. ``position_ids`` default to the attention mask's cumulative sum (left padding safe).
+
+        ``logits_to_keep`` N > 0 returns logits for the last N positions only (computed for those alone when
+        the graph takes the input, sliced here otherwise); 0 returns every position.
+        """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
         past = self.empty_past(batch) if past is None else past
@@ -67,11 +74,19 @@ class DecoderSession:
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -seq:]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": np.asarray(position_ids, np.int64)}
+        if logits_to_keep < 0:
+            raise UsageError(f"logits_to_keep must be >= 0 (got {logits_to_keep}); 0 keeps every position")
+        if logits_to_keep and self.keeps_logits:
+            feed[LOGITS_TO_KEEP] = np.array([logits_to_keep], np.int64)
         if self.kv_shared and self.device == "cpu":
-            return self._forward_in_place(feed, past, seq)
-        feed.update(zip(self.past_names, past))
-        out = self.session.run(self.output_names, feed)
-        return out[0], out[1:]
+            logits, present = self._forward_in_place(feed, past, seq)
+        else:
+            feed.update(zip(self.past_names, past))
+            out = self.session.run(self.output_names, feed)
+            logits, present = out[0], out[1:]
+        if logits_to_keep and logits.shape[1] > logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return logits, present
 
     def _forward_in_place(self, feed: dict, past: list, seq: int):
         """The step as generation runs it on ``kv_cache: "shared"`` variants: each past copied into a buffer
@@ -79,10 +94,11 @@ class DecoderSession:
         import onnxruntime as ort
 
         io = self.session.io_binding()
-        for name, arr in feed.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        b, h, n, d = past[0].shape
         buffers, values = [], []  # the OrtValues wrap the buffers' memory: both stay alive until the run ends
+        for name, arr in feed.items():  # OrtValues: bind_cpu_input cannot bind an input that has a default
+            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr)))
+            io.bind_ortvalue_input(name, values[-1])
+        b, h, n, d = past[0].shape
         for p_name, o_name, arr in zip(self.past_names, self.present_names, past):
             buf = np.empty((b, h, n + seq, d), dtype=arr.dtype)
             buf[:, :, :n] = arr

@@ -1,0 +1,128 @@
+"""logits_to_keep: every variant projects only the last positions when asked, the same numbers as all of them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2deploy.errors import UsageError
+from gpt2deploy.package import Package
+from gpt2deploy.runtime.generate import generate_ids
+from gpt2deploy.runtime.kvcache import KVStepper
+from gpt2deploy.runtime.options import GenerationOptions
+from gpt2deploy.runtime.session import DecoderSession, positions_from_mask
+from gpt2deploy.verify import verify_package
+
+PAD = 50256
+ROWS = np.array([[5, 17, 300, 42, 9, 1000, 77], [PAD, PAD, PAD, 3, 4, 5, 6]], np.int64)
+MASK = (ROWS != PAD).astype(np.int64)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _feed(dec: DecoderSession, keep: int | None) -> dict:
+    d = dec.dims
+    feed = {"input_ids": ROWS, "attention_mask": MASK, "position_ids": positions_from_mask(MASK)}
+    for name in dec.past_names:
+        feed[name] = np.zeros((2, d.n_head, 0, d.head_dim), np.float32)
+    if keep is not None:
+        feed["logits_to_keep"] = np.array([keep], np.int64)
+    return feed
+
+
+def _edit_manifest(root: Path, change) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    change(m)
+    (root / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def test_pass_adds_the_input_once_and_needs_the_projection(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.errors import ExportError
+    from exporters.logits_to_keep import add_logits_to_keep
+
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 3])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "g", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert add_logits_to_keep(model) is True
+    assert add_logits_to_keep(model) is False
+    onnx.checker.check_model(model)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    sess = _session(path)
+    hidden = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
+    full = sess.run(None, {"x": hidden})[0]
+    assert full.shape == (2, 5, 3)  # the default, 0, keeps every position
+    for keep in (1, 2, 5, 9):
+        got = sess.run(None, {"x": hidden, "logits_to_keep": np.array([keep], np.int64)})[0]
+        np.testing.assert_array_equal(got, full[:, -min(keep, 5):])
+
+    bad = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "g", [x], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    )
+    with pytest.raises(ExportError, match="logits come from a Relu node"):
+        add_logits_to_keep(bad)
+
+
+def test_every_variant_projects_only_the_kept_positions(built_copy, cli):
+    r = cli("quantize", built_copy, "--mode", "fp16")
+    assert r.exit_code == 0, r.output
+    pkg = Package.open(built_copy)
+    assert [t["name"] for t in pkg.manifest["io"]["optional_inputs"]] == ["logits_to_keep"]
+    assert set(pkg.variants) == {"fp32", "int8", "int4", "fp16"}
+    for variant in pkg.variants:
+        dec = DecoderSession(pkg, variant)
+        assert dec.keeps_logits
+        assert [i.name for i in dec.session.get_overridable_initializers()] == ["logits_to_keep"]
+        full = dec.session.run(["logits"], _feed(dec, None))[0]
+        assert full.shape[1] == ROWS.shape[1]
+        for keep in (1, 3):
+            kept = dec.session.run(["logits"], _feed(dec, keep))[0]  # computed for those positions alone
+            assert kept.shape == (2, keep, dec.dims.vocab_size), variant
+            np.testing.assert_allclose(kept, full[:, -keep:], atol=1e-5, err_msg=variant)
+        via_forward, _ = dec.forward(ROWS, MASK, logits_to_keep=1)
+        np.testing.assert_allclose(via_forward, full[:, -1:], atol=1e-5, err_msg=variant)
+        prefill = KVStepper(dec, 2, ROWS.shape[1] + 4).prefill(ROWS, MASK)
+        np.testing.assert_allclose(prefill, full[:, -1], atol=1e-5, err_msg=variant)
+        with pytest.raises(UsageError, match="logits_to_keep must be >= 0"):
+            dec.forward(ROWS, MASK, logits_to_keep=-1)
+    assert verify_package(built_copy).ok
+
+
+def test_packages_without_the_input_generate_the_same(built_package, built_copy):
+    _edit_manifest(built_copy, lambda m: m["io"].pop("optional_inputs"))  # as packages written before it existed
+    opts = GenerationOptions(max_new_tokens=8)
+    rows = [[5, 17, 300, 42, 9], [3, 4, 5]]
+    for variant in ("fp32", "int8"):
+        new = DecoderSession(Package.open(built_package), variant)
+        old = DecoderSession(Package.open(built_copy), variant)
+        assert new.keeps_logits and not old.keeps_logits
+        assert generate_ids(old, rows, opts).tokens == generate_ids(new, rows, opts).tokens
+        a, _ = old.forward(ROWS, MASK, logits_to_keep=2)  # sliced after the full projection
+        b, _ = new.forward(ROWS, MASK, logits_to_keep=2)
+        assert a.shape == b.shape == (2, 2, new.dims.vocab_size)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("reader", ["onnx", "onnxruntime"])
+def test_verify_checks_the_optional_inputs(built_copy, reader):
+    def change(m):
+        m["io"]["optional_inputs"][0]["name"] = "tokens_to_keep"
+
+    _edit_manifest(built_copy, change)
+    problems = verify_package(built_copy, reader=reader).problems
+    for f in ("onnx/model.onnx", "onnx/model_int8.onnx", "onnx/model_q4.onnx"):
+        assert any(p.startswith(f"{f}: graph lacks the optional input tokens_to_keep the manifest lists") for p in problems), problems
+    assert len(problems) == 3
