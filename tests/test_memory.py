@@ -146,5 +146,16 @@ def test_session_advises_its_weight_mappings(int8_package, tiny_package):
     assert flags and all(("rr" in fl) == (size >= SPARSE_MIN) for size, fl in flags)
     logits, _ = dec.forward(np.array([[464, 2068, 7586]], np.int64))
     assert np.isfinite(logits).all()
-    # a single-file variant has nothing mapped to advise
-    assert DecoderSession(Package.open(tiny_package), "fp32", "cpu", threads=1).memory["mappings"] == 0
+    # the exported fp32 graph keeps its weights in a mapped data file too
+    fp32 = Package.open(tiny_package)
+    assert [e["path"] for e in fp32.variant("fp32")["files"]] == ["onnx/model.onnx", "onnx/model.onnx.data"]
+    assert DecoderSession(fp32, "fp32", "cpu", threads=1).memory["mappings"] > 0
+
+
+def test_single_file_variant_has_nothing_to_advise(tiny_portable_package):
+    from gpt2deploy.package import Package
+    from gpt2deploy.runtime.session import DecoderSession
+
+    pkg = Package.open(tiny_portable_package)
+    assert [e["path"] for e in pkg.variant("fp32")["files"]] == ["onnx/model.onnx"]
+    assert DecoderSession(pkg, "fp32", "cpu", threads=1).memory["mappings"] == 0

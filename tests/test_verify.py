@@ -155,7 +155,8 @@ def test_external_data_must_be_listed(built_copy, cli):
     graph = built_copy / "onnx" / "model.onnx"
     model = onnx.load(str(graph))
     onnx.save_model(model, str(graph), save_as_external_data=True, location="weights.bin", size_threshold=1024)
-    _edit_manifest(built_copy, lambda m: m["variants"]["fp32"]["files"].__setitem__(0, file_entry(built_copy, "onnx/model.onnx")))
+    (built_copy / "onnx" / "model.onnx.data").unlink()
+    _edit_manifest(built_copy, lambda m: m["variants"]["fp32"].__setitem__("files", [file_entry(built_copy, "onnx/model.onnx")]))
     _edit_manifest(built_copy, lambda m: m["variants"]["fp32"].__setitem__("size", m["variants"]["fp32"]["files"][0]["size"]))
     lines = _fails(cli("verify", built_copy))
     assert lines == ["FAIL onnx/model.onnx: graph needs external data onnx/weights.bin, which variant fp32 does not list; rebuild the package"]
