@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -60,6 +61,58 @@ def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname()) or "host"
+
+
+def stage_prefix(kind: str) -> str:
+    """``.KIND.HOST.PID.``: the start of a staging name, so a later run can tell whether its writer still runs."""
+    return f".{kind}.{_host()}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_stages(parent: str | os.PathLike, kind: str) -> list[Path]:
+    """Remove ``parent``'s staging entries of ``kind`` left by runs that were killed (SIGKILL, power loss).
+
+    Only entries written on this host by a process that no longer exists are removed, and never a staged
+    directory holding ``previous-*`` backups (files a killed commit moved aside, kept for recovery).
+    Returns what was removed.
+    """
+    parent = Path(parent)
+    head, host, removed = f".{kind}.", _host(), []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        name = p.name
+        if not (name.startswith(head) and name.endswith(".partial")):
+            continue
+        parts = name[len(head) : -len(".partial")].split(".")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                if any(p.glob("previous-*")):
+                    continue
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success it replaces ``out`` in one rename.
@@ -68,7 +121,8 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    sweep_stale_stages(out.parent, out.name)
+    tmp = Path(tempfile.mkdtemp(prefix=stage_prefix(out.name), suffix=".partial", dir=out.parent))
     os.chmod(tmp, 0o755)
     try:
         yield tmp
@@ -89,7 +143,8 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    sweep_stale_stages(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=stage_prefix(path.name), suffix=".partial", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o644)
     tmp = Path(tmp)

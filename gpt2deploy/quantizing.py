@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import PackageError, UsageError, VariantError
+from .fsutil import stage_prefix, sweep_stale_stages
 from .manifest import VARIANT_FILES, providers_for_graph
 from .package import Package
 
@@ -267,7 +268,8 @@ def _entry(pkg, name, files, recipe, fused, info, check, kv_cache="concat") -> d
 def _staging(parent: Path):
     """A temporary directory inside the package (same filesystem, so the final renames are atomic)."""
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", suffix=".partial", dir=parent))
+    sweep_stale_stages(parent, "quantize")  # what a killed run left behind
+    tmp = Path(tempfile.mkdtemp(prefix=stage_prefix("quantize"), suffix=".partial", dir=parent))
     try:
         yield tmp
     finally:

@@ -168,7 +168,7 @@ def test_manifest_entries_valid(quantized):
     assert pkg.variant("int8")["recipe"]["float_weight_fraction"] < 0.1
     assert "CUDA" in pkg.variant("fp16")["note"] and "slower" in pkg.variant("fp16")["note"]
     assert "--attention mha" in pkg.variant("int4")["note"]
-    assert not list(pkg.root.glob("onnx/.quantize-*")), "staging directories left behind"
+    assert not list(pkg.root.glob("onnx/.quantize.*")), "staging directories left behind"
 
 
 def test_int4_with_mha_attention_is_cuda_capable(cli, package_copy):

@@ -112,7 +112,7 @@ def test_disk_full_while_writing(cli, package_copy, monkeypatch):
     before = _snapshot(package_copy)
     r = cli("quantize", package_copy, "--mode", "int8")
     _assert_clean_failure(r, package_copy, before, "No space left on device")
-    assert not list(package_copy.glob("onnx/.quantize-*"))
+    assert not list(package_copy.glob("onnx/.quantize.*"))
 
 
 def test_failure_while_recording_restores_the_previous_variant(package_copy, monkeypatch):
@@ -149,3 +149,54 @@ def test_bad_head_bits(cli, package_copy, args):
     before = _snapshot(package_copy)
     r = cli("quantize", package_copy, *args)
     _assert_clean_failure(r, package_copy, before, "--head-bits")
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_leftovers_of_killed_runs_are_swept(cli, package_copy):
+    """A run killed outright (SIGKILL) cannot clean up; the next run removes its staging, and only its."""
+    import os
+
+    from gpt2deploy.fsutil import _host
+
+    onnx_dir, dead, host = package_copy / "onnx", _dead_pid(), _host()
+    stale = onnx_dir / f".quantize.{host}.{dead}.k1ll3d.partial"
+    stale.mkdir()
+    (stale / "model_int8.onnx.data").write_bytes(b"\0" * 4096)
+    backups = onnx_dir / f".quantize.{host}.{dead}.b4ckup.partial"  # a killed commit's backups: kept for recovery
+    backups.mkdir()
+    (backups / "previous-model_int8.onnx").write_bytes(b"x")
+    running = onnx_dir / f".quantize.{host}.{os.getpid()}.l1ve.partial"  # a run still going
+    running.mkdir()
+    elsewhere = onnx_dir / f".quantize.other-host.{dead}.r3mote.partial"  # another machine's, on a shared disk
+    elsewhere.mkdir()
+    r = cli("quantize", package_copy, "--mode", "int8")
+    assert r.exit_code == 0, r.output
+    assert not stale.exists()
+    assert backups.exists() and running.exists() and elsewhere.exists()
+
+
+def test_staged_outputs_sweep_killed_stages(tmp_path):
+    from gpt2deploy.fsutil import _host, staged_dir, staged_file
+
+    dead, host = _dead_pid(), _host()
+    stale_dir = tmp_path / f".pkg.{host}.{dead}.abc123.partial"
+    stale_dir.mkdir()
+    (stale_dir / "manifest.json").write_text("{}")
+    stale_file = tmp_path / f".plot.png.{host}.{dead}.def456.partial"
+    stale_file.write_bytes(b"half")
+    other = tmp_path / f".other.{host}.{dead}.ghi789.partial"  # another output's: not this one's to sweep
+    other.mkdir()
+    with staged_dir(tmp_path / "pkg") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    with staged_file(tmp_path / "plot.png") as tmp:
+        tmp.write_bytes(b"png")
+    assert not stale_dir.exists() and not stale_file.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "pkg", "plot.png"]
