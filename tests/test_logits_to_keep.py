@@ -126,3 +126,13 @@ def test_verify_checks_the_optional_inputs(built_copy, reader):
     for f in ("onnx/model.onnx", "onnx/model_int8.onnx", "onnx/model_q4.onnx"):
         assert any(p.startswith(f"{f}: graph lacks the optional input tokens_to_keep the manifest lists") for p in problems), problems
     assert len(problems) == 3
+
+
+def test_portable_graph_takes_it_too(tiny_portable_package):
+    dec = DecoderSession(Package.open(tiny_portable_package), "fp32")
+    assert dec.keeps_logits and not dec.kv_shared  # plain ONNX: past and present as separate tensors
+    full = dec.session.run(["logits"], _feed(dec, None))[0]
+    kept = dec.session.run(["logits"], _feed(dec, 1))[0]
+    assert kept.shape == (2, 1, dec.dims.vocab_size)
+    np.testing.assert_allclose(kept, full[:, -1:], atol=1e-5)
+    np.testing.assert_allclose(KVStepper(dec, 2, ROWS.shape[1] + 2).prefill(ROWS, MASK), full[:, -1], atol=1e-5)
