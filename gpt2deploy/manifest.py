@@ -4,8 +4,8 @@ A package is a directory::
 
     manifest.json           this schema (``schema_version``)
     config.json, generation_config.json, tokenizer files
-    onnx/model.onnx         fp32 variant (+ model.onnx.data when > 2 GB)
-    onnx/model_int8.onnx    int8 variant, onnx/model_q4.onnx int4, onnx/model_fp16.onnx fp16
+    onnx/model.onnx         fp32 variant (+ model.onnx.data: its weights; inside the graph for --portable < 2 GB)
+    onnx/model_int8.onnx    int8 variant, onnx/model_q4.onnx int4, onnx/model_fp16.onnx fp16 (each + NAME.onnx.data)
 
 The runtime reads dims and graph I/O names from here; it never imports exporter code.
 """
