@@ -110,6 +110,9 @@ def test_packages_without_the_input_generate_the_same(built_package, built_copy)
         old = DecoderSession(Package.open(built_copy), variant)
         assert new.keeps_logits and not old.keeps_logits
         assert generate_ids(old, rows, opts).tokens == generate_ids(new, rows, opts).tokens
+        # the prompt in chunks: every position of each chunk projected, the last one read
+        chunked = [KVStepper(d, 2, ROWS.shape[1] + 2).prefill(ROWS, MASK, chunk=3) for d in (old, new)]
+        np.testing.assert_allclose(chunked[0], chunked[1], atol=1e-5)
         a, _ = old.forward(ROWS, MASK, logits_to_keep=2)  # sliced after the full projection
         b, _ = new.forward(ROWS, MASK, logits_to_keep=2)
         assert a.shape == b.shape == (2, 2, new.dims.vocab_size)

@@ -150,6 +150,33 @@ def test_kv_cache_holds_the_full_recompute(model):
     assert st.shared is shared and len(st.sets) == (1 if shared else 2)
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_prompt_in_chunks_computes_what_one_run_does(model, hf_model, chunk, monkeypatch):
+    """Long prompts run through the prompt step in chunks, each attending to the cache the previous wrote.
+
+    With chunks of 1 and 3 positions: generation still equals transformers, alone and in a left-padded
+    batch, and the prompt's logits and cache equal those of one run over the whole prompt.
+    """
+    import gpt2deploy.runtime.kvcache as kvcache
+    from gpt2deploy.runtime.generate import left_pad
+
+    monkeypatch.setattr(kvcache, "PREFILL_CHUNK", chunk)
+    rows = [model.encode(p) for p in PROMPTS]
+    assert max(len(r) for r in rows) > 3 * chunk
+    batch = model.generate_ids(rows, max_new_tokens=10)
+    for i, r in enumerate(rows):
+        assert batch.tokens[i] == _hf_greedy(hf_model, r, 10), i
+        assert model.generate_ids([r], max_new_tokens=10).tokens[0] == batch.tokens[i], i
+    ids, mask = left_pad(rows, 0)
+    one, many = (KVStepper(model.session, len(rows), ids.shape[1] + 2) for _ in range(2))
+    np.testing.assert_allclose(many.prefill(ids, mask, chunk=chunk), one.prefill(ids, mask, chunk=10**6), atol=1e-5)
+    real = mask.astype(bool)  # pad positions hold don't-care values
+    for a, b in zip(many.cache(), one.cache()):
+        np.testing.assert_allclose(a.transpose(0, 2, 1, 3)[real], b.transpose(0, 2, 1, 3)[real], atol=1e-5)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        many.prefill(ids, mask, chunk=0)
+
+
 def test_public_binding_api_fallback_gives_the_same_tokens(model):
     """Without onnxruntime's internal binding object the stepper binds through IOBinding's public methods."""
     from gpt2deploy.runtime.kvcache import _binders

@@ -21,6 +21,9 @@ import numpy as np
 from ..manifest import LOGITS_TO_KEEP
 from .session import DecoderSession, positions_from_mask
 
+#: Prompt positions per run of the prompt step (see ``KVStepper.prefill``).
+PREFILL_CHUNK = 256
+
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -139,37 +142,48 @@ class KVStepper:
             bind(name, dev, dt, shape, dst[i])
 
     # -- steps ----------------------------------------------------------------------------
-    def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Run the whole (left-padded) prompt once; returns the last position's logits [batch, vocab]."""
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        """Run the (left-padded) prompt into the cache; returns the last position's logits [batch, vocab].
+
+        The prompt goes through in runs of at most ``chunk`` positions (default ``PREFILL_CHUNK``), each
+        attending to the cache the previous ones wrote: the activations ONNX Runtime allocates for a run
+        grow with its length, so a long prompt costs the memory of one chunk, not of the whole prompt.
+        """
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         mask = np.ascontiguousarray(mask, dtype=np.int64)
         batch, seq = ids.shape
         if seq > self.capacity or batch != self.batch:
             raise ValueError("prompt does not fit the cache this stepper was sized for")
+        chunk = PREFILL_CHUNK if chunk is None else chunk
+        if chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 (got {chunk})")
         self.mask[:, :seq] = mask
         self.mask[:, seq:] = 1
         pos = positions_from_mask(mask)
         self.cur, self.length = 0, 0
-        self._keep = (ids, mask, pos)
-        self._bind_host("input_ids", ids)
-        self._bind_host("attention_mask", mask)
-        self._bind_host("position_ids", pos)
         if self.shared:
             self._bind_shared()
-        else:
-            self._bind_present(self._bind_cache(0), seq)
         if self.dec.keeps_logits:  # only the last position is projected onto the vocabulary
             self._bind_host(LOGITS_TO_KEEP, self._one)
-            logits = self.logits
-        else:
-            logits = np.empty((batch, seq, self.logits.shape[-1]), dtype=self.logits_dtype)
-        self._bind_out("logits", "cpu", logits.dtype, list(logits.shape), logits.ctypes.data)
-        self.dec.session.run_with_iobinding(self.io)
-        self.cur, self.length = (0 if self.shared else 1), seq
+        for start in range(0, seq, chunk):
+            end = min(seq, start + chunk)
+            part = (np.ascontiguousarray(ids[:, start:end]), np.ascontiguousarray(mask[:, :end]), np.ascontiguousarray(pos[:, start:end]))
+            self._keep = part  # bound by pointer: alive until the run is done
+            for name, arr in zip(("input_ids", "attention_mask", "position_ids"), part):
+                self._bind_host(name, arr)
+            if not self.shared:
+                self._bind_present(self._bind_cache(start), end)
+            logits = self.logits if self.dec.keeps_logits else np.empty((batch, end - start, self.logits.shape[-1]), self.logits_dtype)
+            self._bind_out("logits", "cpu", logits.dtype, list(logits.shape), logits.ctypes.data)
+            self.dec.session.run_with_iobinding(self.io)
+            if not self.shared:
+                self.cur ^= 1
+            self.length = end
         self.prefill_length = seq
         self.pos[:, 0] = pos[:, -1]
+        last = logits[:, -1, :].astype(np.float32, copy=True)
         self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
-        return logits[:, -1, :].astype(np.float32, copy=True)
+        return last
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row; returns logits [batch, vocab] (a reused buffer)."""
