@@ -130,6 +130,41 @@ def test_eos_stops_rows_independently(model):
     assert text == model.decode(free.tokens[0][:first])
 
 
+@pytest.mark.parametrize("opts", [{}, {"do_sample": True, "top_k": 1, "repetition_penalty": 1.3, "seed": 3}])
+def test_finished_rows_leave_the_batch(model, opts):
+    """A row finished mid-generation is dropped from the batch: the others go on as if it were still there."""
+    from gpt2deploy.runtime.generate import Generation
+
+    rows = [model.encode(p) for p in PROMPTS]
+    o = model.options(max_new_tokens=12, ignore_eos=True, **opts)
+    free = Generation(model.session, rows, o)
+    for _ in free:
+        pass
+    gen = Generation(model.session, rows, o)
+    gen.stepper = stepper = KVStepper(model.session, len(rows), gen.capacity)
+    for i, _ in enumerate(gen):
+        if i == 3:
+            gen.finish(1, "stop")  # as a stop string would, after the row's fourth token
+        if i == 6:
+            gen.finish(0, "stop")
+    res = gen.result()
+    assert res.tokens[1] == free.tokens[1][:4] and res.tokens[0] == free.tokens[0][:7]
+    assert res.tokens[2] == free.tokens[2]  # the row that stayed computes what it did beside the others
+    assert res.finish_reasons == ["stop", "stop", "length"]
+    assert res.timings["batch_shrinks"] == 2 and stepper.batch == 1
+    # its cache, past the left padding, is the full recompute of its sequence
+    seq, pad = rows[2] + res.tokens[2][:-1], max(len(r) for r in rows) - len(rows[2])
+    _, present = model.session.forward(np.array([seq]))
+    for got, ref in zip(stepper.cache(), present):
+        np.testing.assert_allclose(got[:, :, pad:], ref, atol=1e-4)
+    # the lent stepper, now one row wide, serves a one-row generation
+    again = Generation(model.session, rows[2:], o)
+    again.stepper = stepper
+    for _ in again:
+        pass
+    assert again.result().tokens[0] == free.tokens[2]
+
+
 def test_kv_cache_holds_the_full_recompute(model):
     """After prefill + decode steps the bound cache equals present from one pass over the whole sequence."""
     ids = model.encode(PROMPTS[1])

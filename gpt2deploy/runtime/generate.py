@@ -2,7 +2,8 @@
 
 Rows of a batch are left-padded; position ids come from the attention mask, so each row computes what it
 would compute alone. Rows finish independently (EOS, a stop string seen by the caller, or the token budget);
-finished rows keep a slot in the batch but their tokens are ignored.
+on the CPU a finished row leaves the batch at the next step (``KVStepper.keep_rows``), elsewhere it keeps
+its slot and its tokens are ignored.
 """
 from __future__ import annotations
 
@@ -118,11 +119,17 @@ class Generation:
         is_eos[[t for t in o.eos_ids if 0 <= t < is_eos.shape[0]]] = True
         check_eos = bool(is_eos.any())
         pad = np.int64(o.pad_token_id)
+        live = np.arange(self.batch)  # the rows the stepper computes, in its order
+        shrinks = 0
         steps = 0
         paused = 0.0  # time the caller spent between steps (decoding text, printing): not generation time
         t_prefill = t_first = None
         for produced in range(o.max_new_tokens):
-            nxt = choose(logits, o, rng, seen)
+            if live.size == self.batch:
+                nxt = choose(logits, o, rng, seen)
+            else:
+                nxt = np.full(self.batch, pad, dtype=np.int64)
+                nxt[live] = choose(logits, o, rng, None if seen is None else _LiveRows(seen, live))
             took = self.active.copy()
             if not took.all():
                 nxt[~took] = pad
@@ -146,7 +153,10 @@ class Generation:
                 paused += time.perf_counter() - t_yield
             if not self.active.any():
                 break
-            logits = stepper.step(nxt)
+            still = self.active[live]
+            if not still.all() and stepper.keep_rows(np.flatnonzero(still)):
+                live, shrinks = live[still], shrinks + 1
+            logits = stepper.step(nxt[live])
             steps += 1
         t_end = time.perf_counter()
         decode_s = max(0.0, t_end - t_first - paused) if steps else 0.0
@@ -161,6 +171,7 @@ class Generation:
             "prompt_tokens": int(mask.sum()),
             "new_tokens": new_tokens,
             "batch": self.batch,
+            "batch_shrinks": shrinks,
             "decode_tokens_per_second": (decode_tokens / decode_s) if decode_s > 0 else None,
             "overhead_ms_per_step": ((decode_s - stepper.run_seconds) / steps * 1e3) if steps else None,
         }
@@ -173,6 +184,16 @@ class Generation:
             timings=self.timings,
             truncated=self.dropped,
         )
+
+
+class _LiveRows:
+    """The seen tokens of the rows still in the batch, indexed as the stepper orders them."""
+
+    def __init__(self, seen: SeenTokens, live: np.ndarray):
+        self.seen, self.live = seen, live
+
+    def of(self, row: int) -> np.ndarray:
+        return self.seen.of(int(self.live[row]))
 
 
 def generate_ids(dec: DecoderSession, rows: list[list[int]], opts: GenerationOptions) -> GenerationResult:

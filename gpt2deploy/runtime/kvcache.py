@@ -185,6 +185,37 @@ class KVStepper:
         self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
         return last
 
+    def keep_rows(self, rows) -> bool:
+        """Shrink the batch to ``rows`` (indices into the current batch): their cache, mask and inputs move to
+        new buffers and later steps compute those rows alone. Finished rows stop costing anything.
+
+        CPU only; returns False (and changes nothing) on other devices, for an empty or unchanged selection.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.device != "cpu" or rows.size == 0 or rows.size == self.batch:
+            return False
+        b, h, d = self.kv_shape
+        k, n, cap = rows.size, self.length, self.capacity
+        sets = []
+        for i, bufs in enumerate(self.sets):
+            fresh = [_Buffer(k * h * cap * d, self.kv_dtype, "cpu") for _ in bufs]
+            if self.shared or i == self.cur:  # the other set of a concat cache is written before it is read
+                width = cap if self.shared else n  # a concat tensor is [b, h, n, d], a shared one [b, h, cap, d]
+                for old, new in zip(bufs, fresh):
+                    src = old.value[: b * h * width * d].reshape(b, h, width, d)
+                    new.value[: k * h * width * d].reshape(k, h, width, d)[:, :, :n] = src[rows, :, :n]
+            sets.append(fresh)
+        self.sets, self.ptrs = sets, [[x.ptr for x in bufs] for bufs in sets]
+        self.batch, self.kv_shape = k, (k, h, d)
+        self.mask, self.ids, self.pos = (np.ascontiguousarray(a[rows]) for a in (self.mask, self.ids, self.pos))
+        self.logits = np.empty((k, 1, self.logits.shape[-1]), dtype=self.logits_dtype)
+        self._bind_host("input_ids", self.ids)
+        self._bind_host("position_ids", self.pos)
+        self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+        if self.shared:
+            self._bind_shared()
+        return True
+
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row; returns logits [batch, vocab] (a reused buffer)."""
         n = self.length
