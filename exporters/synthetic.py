@@ -21,8 +21,12 @@ def make_random_checkpoint(
     n_positions: int = 128,
     seed: int = 0,
     weights: str = "safetensors",
+    tie_word_embeddings: bool = True,
 ) -> Path:
-    """Write a GPT2LMHeadModel checkpoint with the tokenizer files of ``tokenizer_dir``."""
+    """Write a GPT2LMHeadModel checkpoint with the tokenizer files of ``tokenizer_dir``.
+
+    ``tie_word_embeddings=False`` gives the lm_head its own weights, as some fine-tunes do.
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -39,6 +43,7 @@ def make_random_checkpoint(
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg).eval()
@@ -49,7 +54,7 @@ def make_random_checkpoint(
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
             elif ".ln_" in name or name.startswith("transformer.ln_f"):
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
-            elif name.endswith("wte.weight"):
+            elif name.endswith("wte.weight") or name == "lm_head.weight":
                 # scaled so tiny models still produce peaked, non-uniform distributions
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             else:

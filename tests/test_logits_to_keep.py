@@ -139,3 +139,28 @@ def test_portable_graph_takes_it_too(tiny_portable_package):
     assert kept.shape == (2, 1, dec.dims.vocab_size)
     np.testing.assert_allclose(kept, full[:, -1:], atol=1e-5)
     np.testing.assert_allclose(KVStepper(dec, 2, ROWS.shape[1] + 2).prefill(ROWS, MASK), full[:, -1], atol=1e-5)
+
+
+def test_untied_lm_head(tmp_path):
+    """A fine-tune whose lm_head has its own weights: the same input, in every variant."""
+    from conftest import SHAPE_A, make_checkpoint
+
+    from gpt2deploy.exporting import export_package
+    from gpt2deploy.quantizing import quantize_package
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", **{**SHAPE_A, "seed": 5}, tie_word_embeddings=False)
+    out = export_package(str(ckpt), tmp_path / "pkg").path
+    for mode in ("int8", "int4"):
+        quantize_package(out, mode)
+    pkg = Package.open(out)
+    assert pkg.manifest["model"]["tie_word_embeddings"] is False
+    for variant in ("fp32", "int8", "int4"):
+        dec = DecoderSession(pkg, variant)
+        assert dec.keeps_logits
+        full = dec.session.run(["logits"], _feed(dec, None))[0][:, -1:]
+        kept = dec.session.run(["logits"], _feed(dec, 1))[0]
+        assert kept.shape == full.shape
+        # int8 quantizes the head's input with one scale per call: over one position instead of all seven
+        tol = 0.02 * float(np.abs(full).max()) if variant == "int8" else 1e-5
+        np.testing.assert_allclose(kept, full, atol=tol, err_msg=variant)
+        assert (kept.argmax(-1) == full.argmax(-1)).all(), variant
