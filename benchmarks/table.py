@@ -125,10 +125,11 @@ def markdown(result: dict) -> str:
                 cells.append(f"{point['decode_tok_s']:.1f}" if point and point.get("decode_tok_s") else "")
             lines.append(f"| {pos} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append("| engine | decode tok/s at the last position / at the first |")
-        lines.append("|---|---:|")
-        for name, c in curves:
-            pts = [p for p in c if p.get("decode_tok_s")]
+        lines.append("| engine | decode tok/s at the last position / at the first | peak RSS MB with the long prompts |")
+        lines.append("|---|---:|---:|")
+        for r in result["engines"]:
+            pts = [p for p in r.get("long_context") or [] if p.get("decode_tok_s")]
             if len(pts) >= 2:
-                lines.append(f"| {name} | {pts[-1]['decode_tok_s'] / pts[0]['decode_tok_s']:.2f} |")
+                peak = r.get("memory", {}).get("with_long_context", {}).get("peak_rss_mb")
+                lines.append(f"| {r['name']} | {pts[-1]['decode_tok_s'] / pts[0]['decode_tok_s']:.2f} | {f'{peak:.0f}' if peak else 'n/a'} |")
     return "\n".join(lines) + "\n"

@@ -159,3 +159,36 @@ def test_single_file_variant_has_nothing_to_advise(tiny_portable_package):
     pkg = Package.open(tiny_portable_package)
     assert [e["path"] for e in pkg.variant("fp32")["files"]] == ["onnx/model.onnx"]
     assert DecoderSession(pkg, "fp32", "cpu", threads=1).memory["mappings"] == 0
+
+
+def test_a_longer_generation_frees_the_smaller_cache_first(tiny_package, monkeypatch):
+    """The model keeps one KV stepper per batch size for reuse; one too small is dropped before a larger one
+    is allocated, so two caches are never held at once."""
+    import gc
+    import weakref
+
+    import gpt2deploy
+    import gpt2deploy.runtime.model as model_mod
+
+    m = gpt2deploy.load(tiny_package, device="cpu", threads=1)
+    ids = m.encode("The quick brown fox")
+    m.generate_ids([ids], max_new_tokens=4)
+    (small,) = m._pool
+    same = small.capacity
+    m.generate_ids([ids], max_new_tokens=2)  # fits: the pooled stepper is reused
+    assert m._pool == [small]
+    ref = weakref.ref(small)
+    del small
+    seen = []
+    real = model_mod.KVStepper
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        seen.append(ref() is None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "KVStepper", watched)
+    m.generate_ids([ids], max_new_tokens=20)
+    assert seen == [True]
+    (big,) = m._pool
+    assert big.capacity > same

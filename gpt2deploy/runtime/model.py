@@ -187,10 +187,11 @@ class _Lease:
     def __enter__(self) -> KVStepper:
         m = self.model
         with m._lock:
-            for i, s in enumerate(m._pool):
-                if s.batch == self.batch and s.capacity >= self.capacity:
-                    self.stepper = m._pool.pop(i)
-                    break
+            i = next((i for i, s in enumerate(m._pool) if s.batch == self.batch), None)
+            if i is not None:  # one too small is dropped here, so its cache is freed before a larger one is made
+                if m._pool[i].capacity >= self.capacity:
+                    self.stepper = m._pool[i]
+                del m._pool[i]
         if self.stepper is None:
             self.stepper = KVStepper(m.session, self.batch, self.capacity)
         self.stepper.run_seconds = 0.0
