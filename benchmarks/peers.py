@@ -104,10 +104,9 @@ class Peer:
         if self.proc.poll() is None:
             msg = self.ask("quit")
             if msg.get("event") == "bye":
-                key = "with_long_context" if self.memory else None
                 final = {k: msg[k] for k in ("peak_rss_mb", "rss_mb")}
-                if key:
-                    self.memory[key] = final
+                if self.memory:  # recorded before the long-context curve: this is the peak with it
+                    self.memory["with_long_context"] = final
                 else:
                     self.memory = final
             try:

@@ -91,7 +91,8 @@ def export_package(
         fused, kv_cache = {}, "concat"
         if optimize:
             progress("optimizing the fp32 graph for CPU (fusions, GroupQueryAttention)")
-            fused, kv_cache, meta["external_data"] = _optimize_fp32(tmp / VARIANT_FILES["fp32"], dims, meta["external_data"], progress)
+            fused, kv_cache = _optimize_fp32(tmp / VARIANT_FILES["fp32"], dims, progress)
+            meta["external_data"] = True  # the optimized graph always keeps its weights in model.onnx.data
         export_seconds = time.perf_counter() - t0
         for name in (*CONFIG_FILES, *TOKENIZER_FILES):
             src = ckpt.path / name
@@ -143,8 +144,8 @@ def export_package(
     return ExportResult(out, manifest, export_seconds, parity_seconds)
 
 
-def _optimize_fp32(path: Path, dims: dict, external: bool, progress: Progress) -> tuple[dict, str, bool]:
-    """Rewrite the exported graph at ``path`` with ``quant.optimize``; returns (fused ops, kv_cache, external data?).
+def _optimize_fp32(path: Path, dims: dict, progress: Progress) -> tuple[dict, str]:
+    """Rewrite the exported graph at ``path`` with ``quant.optimize``; returns (fused ops, kv_cache).
 
     The weights go to ``model.onnx.data`` at page-aligned offsets (``quant.mapped``), so ONNX Runtime maps them
     instead of parsing a 500 MB protobuf and copying every tensor out of it: at GPT-2-small shape the peak
@@ -163,8 +164,8 @@ def _optimize_fp32(path: Path, dims: dict, external: bool, progress: Progress) -
         raise PackageError(f"optimizing the exported graph failed ({e}); export with --portable to keep the plain graph") from None
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
-    written = save_mapped(model, path)
-    return report["fused"], report["kv_cache"], len(written) > 1
+    save_mapped(model, path)
+    return report["fused"], report["kv_cache"]
 
 
 def _write_fast_tokenizer(ckpt_dir: Path, out: Path) -> None:

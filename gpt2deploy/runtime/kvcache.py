@@ -94,7 +94,7 @@ class KVStepper:
         self.device = dec.device
         self.device_id = 0
         per = batch * d.n_head * capacity * d.head_dim
-        self.shared = dec.package.variant(dec.variant).get("kv_cache") == "shared"
+        self.shared = dec.kv_shared
         self.sets = [[_Buffer(per, self.kv_dtype, self.device) for _ in dec.past_names] for _ in range(1 if self.shared else 2)]
         self.ptrs = [[b.ptr for b in s] for s in self.sets]
         self.logits = np.empty((batch, 1, d.vocab_size), dtype=self.logits_dtype)
