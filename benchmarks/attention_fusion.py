@@ -10,6 +10,7 @@ token, present fed back as past) starting at each past length, and a prefill of 
 Repetitions are interleaved across graphs so background load hits all of them alike; the best
 repetition is reported (the median too), with each fused graph's speed as a ratio of the unfused one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,6 @@ def _untie_lm_head(model):
 
         return untie_lm_head(model)[0]
     except ImportError:
-        import onnx
         from onnx import numpy_helper
 
         inits = {t.name: t for t in model.graph.initializer}
@@ -73,8 +73,13 @@ def _int8(model, workdir: Path, tag: str):
         onnx.save(quantize_int8(model)[0], str(dst))
         return dst
     onnx.save(_untie_lm_head(model), str(src))
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        extra_options={"DefaultTensorType": TensorProto.FLOAT},
+    )
     src.unlink()
     return dst
 
@@ -129,8 +134,11 @@ class Runner:
 
     def _feed(self, ids, past, total):
         batch, seq = ids.shape
-        feed = {"input_ids": ids, "attention_mask": np.ones((batch, total), np.int64),
-                "position_ids": np.arange(total - seq, total, dtype=np.int64)[None].repeat(batch, 0)}
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, total), np.int64),
+            "position_ids": np.arange(total - seq, total, dtype=np.int64)[None].repeat(batch, 0),
+        }
         for i in range(self.d.n_layer):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
         return feed
@@ -138,7 +146,9 @@ class Runner:
     def decode(self, position: int, steps: int, rng) -> float:
         """Seconds per decode step starting from a past of ``position`` tokens."""
         d = self.d
-        past = [rng.standard_normal((1, d.n_head, position, d.head_dim), dtype=np.float32) for _ in range(2 * d.n_layer)]
+        past = [
+            rng.standard_normal((1, d.n_head, position, d.head_dim), dtype=np.float32) for _ in range(2 * d.n_layer)
+        ]
         ids = np.array([[11]], np.int64)
         self.sess.run(self.outputs, self._feed(ids, past, position + 1))  # warm-up at this length
         t0 = time.perf_counter()
@@ -169,7 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default="MultiHeadAttention,GroupQueryAttention")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--build-only", action="store_true", help="build the graphs (into --workdir) and stop")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the built graphs here and reuse them on the next run")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="keep the built graphs here and reuse them on the next run"
+    )
     args = ap.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -178,7 +190,9 @@ def main(argv=None) -> int:
     dims = Package.open(args.package).dims
     positions = [int(p) for p in args.positions.split(",")]
     if max(positions) + args.steps + 1 > dims.n_positions:
-        raise SystemExit(f"error: position {max(positions)} + {args.steps} steps exceeds the context {dims.n_positions}; pass smaller --positions")
+        raise SystemExit(
+            f"error: position {max(positions)} + {args.steps} steps exceeds the context {dims.n_positions}; pass smaller --positions"
+        )
     precisions = args.precisions.split(",")
     ops = [o for o in args.ops.split(",") if o]
     results: dict = {"threads": args.threads, "steps": args.steps, "reps": args.reps, "results": {}}
@@ -201,15 +215,21 @@ def main(argv=None) -> int:
                         dec[n].append(runners[n].decode(pos, args.steps, rng))
                         pre[n].append(runners[n].prefill(pos, rng))
                 for n in names:  # best-of-reps: least disturbed by other processes on the machine
-                    table[n][pos] = {"decode_tok_s": 1.0 / min(dec[n]), "prefill_s": min(pre[n]),
-                                     "decode_tok_s_median": 1.0 / statistics.median(dec[n]), "prefill_s_median": statistics.median(pre[n])}
+                    table[n][pos] = {
+                        "decode_tok_s": 1.0 / min(dec[n]),
+                        "prefill_s": min(pre[n]),
+                        "decode_tok_s_median": 1.0 / statistics.median(dec[n]),
+                        "prefill_s_median": statistics.median(pre[n]),
+                    }
                 base = table["unfused"][pos]
                 for n in names:
                     row = table[n][pos]
                     row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
                     row["prefill_ratio"] = base["prefill_s"] / row["prefill_s"]
-                    log(f"{prec:5s} {n:20s} past {pos:4d}: decode {row['decode_tok_s']:7.1f} tok/s (x{row['decode_ratio']:.2f})"
-                        f"  prefill {pos} tok {row['prefill_s'] * 1e3:7.1f} ms (x{row['prefill_ratio']:.2f})")
+                    log(
+                        f"{prec:5s} {n:20s} past {pos:4d}: decode {row['decode_tok_s']:7.1f} tok/s (x{row['decode_ratio']:.2f})"
+                        f"  prefill {pos} tok {row['prefill_s'] * 1e3:7.1f} ms (x{row['prefill_ratio']:.2f})"
+                    )
             results["results"][prec] = table
             del runners
     text = json.dumps(results, indent=2)

@@ -4,6 +4,7 @@
 decode is the time of the remaining n - 1 tokens, total is the wall clock of the call. Imports are lazy so each
 worker process loads only its own engine (and the Optimum worker runs in its own environment).
 """
+
 from __future__ import annotations
 
 import time
@@ -64,8 +65,13 @@ class _HfGenerate:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                pad_token_id=self.eos, streamer=streamer,
+                input_ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=self.eos,
+                streamer=streamer,
             )
         total = time.perf_counter() - t0
         ttft = (streamer.first or time.perf_counter()) - t0
@@ -112,7 +118,6 @@ class OptimumEngine(_HfGenerate):
 
         self.name = f"optimum-onnx {version('optimum-onnx')} ORTModelForCausalLM"
         self.model_bytes = _bytes(cache, ["*.onnx", "*.onnx_data", "*.onnx.data"])
-
 
     @staticmethod
     def prepare(spec: dict) -> None:

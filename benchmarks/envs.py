@@ -3,6 +3,7 @@
 Optimum's ORTModelForCausalLM (optimum-onnx) needs transformers<4.58, while gpt2deploy's exporter uses
 transformers 5, so Optimum runs in its own virtual environment under benchmarks/.work/, created on first use.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -38,7 +39,7 @@ def ensure_venv(venv: Path, requirements: list[str], log: Path, say=print) -> tu
             code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
             if code != 0:
                 tail = _last_line(log)
-                return None, f"'{' '.join(cmd[-len(requirements):] if 'pip' in cmd else cmd)}' failed ({tail})"
+                return None, f"'{' '.join(cmd[-len(requirements) :] if 'pip' in cmd else cmd)}' failed ({tail})"
     marker.write_text(wanted)
     return venv_python(venv), ""
 

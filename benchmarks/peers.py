@@ -1,4 +1,5 @@
 """A worker process per engine and the JSON-lines conversation with it."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,13 @@ class Peer:
         spec_file = Path(tempfile.mkstemp(prefix=f"{self.key}-", suffix=".json", dir=log_dir)[1])
         spec_file.write_text(json.dumps(self.spec))
         with open(log_dir / f"{self.key}-prepare.log", "w") as log:
-            done = subprocess.run([self.python, str(HERE / "worker.py"), str(spec_file), "--prepare"],
-                                  stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(HERE.parent))
+            done = subprocess.run(
+                [self.python, str(HERE / "worker.py"), str(spec_file), "--prepare"],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                cwd=str(HERE.parent),
+            )
         msgs = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
         if not msgs or msgs[-1].get("event") != "prepared":
             reason = msgs[-1].get("error") if msgs else f"preparation exited with code {done.returncode}"
@@ -47,7 +53,11 @@ class Peer:
         self.log = open(log_dir / f"{self.key}.log", "w")
         self.proc = subprocess.Popen(
             [self.python, str(HERE / "worker.py"), str(spec_file)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
             cwd=str(HERE.parent),
         )
         msg = self._read()
@@ -83,7 +93,9 @@ class Peer:
         self.runs.append({**msg, "round": round_index, "load1": load})
 
     def measure_curve(self, positions: list[int], prompts: list[list[int]], steps: int, repeat: int = 1) -> None:
-        msg = self.ask("curve " + json.dumps({"positions": positions, "prompts": prompts, "steps": steps, "repeat": repeat}))
+        msg = self.ask(
+            "curve " + json.dumps({"positions": positions, "prompts": prompts, "steps": steps, "repeat": repeat})
+        )
         if msg.get("event") == "curve":
             self.curve = msg["points"]
         else:

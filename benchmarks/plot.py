@@ -1,4 +1,5 @@
 """PNG of the harness's long-context curves: decode tok/s versus position, one line per engine."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,9 @@ def plot_curves(result: dict, out: Path) -> Path | None:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.set_title(f"Decode speed vs position ({w['shape'].split(',')[0]}, batch 1, {w['threads']} threads)", fontsize=10)
+        ax.set_title(
+            f"Decode speed vs position ({w['shape'].split(',')[0]}, batch 1, {w['threads']} threads)", fontsize=10
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()

@@ -7,6 +7,7 @@
 
 Everything goes to benchmarks/.work/ (git-ignored) and is reused on the next run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,7 +43,9 @@ def default_checkpoint(say=print) -> Path:
     say(f"writing a random GPT-2-small-shaped checkpoint to {ckpt}")
     tmp = ckpt.with_name(ckpt.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.check_call([sys.executable, "-m", "exporters.synthetic", str(tmp), "--tokenizer", str(tokenizer)], cwd=ROOT)
+    subprocess.check_call(
+        [sys.executable, "-m", "exporters.synthetic", str(tmp), "--tokenizer", str(tokenizer)], cwd=ROOT
+    )
     tmp.rename(ckpt)
     return ckpt
 

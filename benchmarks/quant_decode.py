@@ -14,6 +14,7 @@ past); ``runtime-<variant>`` ``gpt2deploy.load(...).generate_ids`` when the runt
 Accuracy: on the real gpt2-ref package, each recipe's top-1 agreement with fp32 and perplexity change
 on the evaluation text (non-overlapping windows of the model's context).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,12 @@ def worker_ort(path: str, threads: int, prompt: int, new: int) -> dict:
         t0 = time.perf_counter()
         for _ in range(new):
             n = x.shape[1]
-            feed = {"input_ids": x, "attention_mask": np.ones((1, length + n), np.int64), "position_ids": np.arange(length, length + n)[None]}
-            feed.update(zip(past_names, past))
+            feed = {
+                "input_ids": x,
+                "attention_mask": np.ones((1, length + n), np.int64),
+                "position_ids": np.arange(length, length + n)[None],
+            }
+            feed.update(zip(past_names, past, strict=False))
             r = sess.run(outs, feed)
             x = np.array([[int(r[0][0, -1].argmax())]], np.int64)
             past, length = r[1:], length + n
@@ -85,7 +90,14 @@ def worker_ort(path: str, threads: int, prompt: int, new: int) -> dict:
 
     run()  # warm-up
     tok_s, prefill = run()
-    return {"decode_tok_s": tok_s, "prefill_s": prefill, "rss_base": base, "rss_loaded": loaded, "peak_rss": _peak_rss(), "file_size": _size(path)}
+    return {
+        "decode_tok_s": tok_s,
+        "prefill_s": prefill,
+        "rss_base": base,
+        "rss_loaded": loaded,
+        "peak_rss": _peak_rss(),
+        "file_size": _size(path),
+    }
 
 
 def worker_runtime(pkg: str, variant: str, threads: int, prompt: int, new: int) -> dict:
@@ -136,7 +148,11 @@ def _size(path: str) -> int:
 
 def ensure_small(ckpt: Path, pkg: Path) -> None:
     if not (ckpt / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "exporters.synthetic", str(ckpt), "--tokenizer", str(SHARED / "gpt2-tokenizer")], check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "exporters.synthetic", str(ckpt), "--tokenizer", str(SHARED / "gpt2-tokenizer")],
+            check=True,
+            cwd=ROOT,
+        )
     if not (pkg / "manifest.json").is_file():
         subprocess.run(["gpt2deploy", "export", str(ckpt), "-o", str(pkg)], check=True)
 
@@ -239,7 +255,10 @@ def speed(args) -> dict:
         if not ok:
             table[name] = {"error": rs[-1].get("error")}
             continue
-        row = {"decode_tok_s": statistics.median(x["decode_tok_s"] for x in ok), "peak_rss": max(x["peak_rss"] for x in ok)}
+        row = {
+            "decode_tok_s": statistics.median(x["decode_tok_s"] for x in ok),
+            "peak_rss": max(x["peak_rss"] for x in ok),
+        }
         for key in ("file_size", "rss_base", "rss_loaded"):
             if key in ok[0]:
                 row[key] = ok[0][key]
@@ -264,7 +283,9 @@ def recipes():
     return {
         "int8 default: per-tensor, shared per-row tied table": lambda m: quantize_int8(m),
         "int8 --per-channel": lambda m: quantize_int8(m, per_channel=True),
-        "int8 plain: per-tensor, untied lm_head, 8-bit embedding": lambda m: quantize_int8(m, share_embedding=False, quantize_embedding=True),
+        "int8 plain: per-tensor, untied lm_head, 8-bit embedding": lambda m: quantize_int8(
+            m, share_embedding=False, quantize_embedding=True
+        ),
         "MatMulNBits 8-bit, block 32": lambda m: quantize_int4(m, bits=8),
         "int4 default: block 32, 8-bit lm_head shared with embedding": lambda m: quantize_int4(m),
         "int4 --head-bits 4 (all 4-bit, shared table)": lambda m: quantize_int4(m, head_bits=4),
@@ -302,11 +323,18 @@ def accuracy(args) -> dict:
         opts.intra_op_num_threads = args.threads
         opts.log_severity_level = 3
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        empty = {f"past_key_values.{i}.{k}": np.zeros((1, d.n_head, 0, d.head_dim), np.float32) for i in range(d.n_layer) for k in ("key", "value")}
+        empty = {
+            f"past_key_values.{i}.{k}": np.zeros((1, d.n_head, 0, d.head_dim), np.float32)
+            for i in range(d.n_layer)
+            for k in ("key", "value")
+        }
         tops, total = [], 0.0
         for c in chunks:
             x = np.array([c], np.int64)
-            logits = sess.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.arange(len(c))[None], **empty})[0][0]
+            logits = sess.run(
+                ["logits"],
+                {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.arange(len(c))[None], **empty},
+            )[0][0]
             tops.append(logits.argmax(-1))
             total += nll(logits, c)
         return np.concatenate(tops), total
@@ -324,8 +352,16 @@ def accuracy(args) -> dict:
             top, total = run(path)
             agree = float(np.mean(top == ref_top))
             ppl = float(np.exp(total / n))
-            table[name] = {"top1": agree, "ppl": ppl, "ppl_delta": ppl / ppl_ref - 1, "size_mb": path.stat().st_size / 1e6}
-            print(f"{name}: top-1 {agree * 100:.1f}%, ppl {ppl_ref:.2f} -> {ppl:.2f} ({(ppl / ppl_ref - 1) * 100:+.2f}%)", file=sys.stderr)
+            table[name] = {
+                "top1": agree,
+                "ppl": ppl,
+                "ppl_delta": ppl / ppl_ref - 1,
+                "size_mb": path.stat().st_size / 1e6,
+            }
+            print(
+                f"{name}: top-1 {agree * 100:.1f}%, ppl {ppl_ref:.2f} -> {ppl:.2f} ({(ppl / ppl_ref - 1) * 100:+.2f}%)",
+                file=sys.stderr,
+            )
     return table
 
 
@@ -353,7 +389,9 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--windows", type=int, default=64, help="evaluation windows for accuracy (context-sized)")
-    p.add_argument("--recipes", action="store_true", help="also time other recipes (per-channel int8, int4 8-bit head, ...)")
+    p.add_argument(
+        "--recipes", action="store_true", help="also time other recipes (per-channel int8, int4 8-bit head, ...)"
+    )
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--json", type=Path, help="also write the results here")

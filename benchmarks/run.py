@@ -8,6 +8,7 @@ harness asks each for one timed run per round, in an order that rotates and reve
 a shared machine spreads over all engines. Prints the markdown table (ratios vs transformers ``generate()``)
 and writes it with the full JSON to benchmarks/results/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,13 @@ import table  # noqa: E402
 from peers import Peer  # noqa: E402
 
 ALL_ENGINES = [
-    "gpt2deploy-fp32", "gpt2deploy-int8", "gpt2deploy-int4", "transformers", "optimum",
-    "ctranslate2-int8", "ctranslate2-float32",
+    "gpt2deploy-fp32",
+    "gpt2deploy-int8",
+    "gpt2deploy-int4",
+    "transformers",
+    "optimum",
+    "ctranslate2-int8",
+    "ctranslate2-float32",
 ]
 
 
@@ -39,21 +45,38 @@ def say(msg: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, help="local GPT-2 checkpoint (default: a random GPT-2-small-shaped one, created once)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="local GPT-2 checkpoint (default: a random GPT-2-small-shaped one, created once)",
+    )
     ap.add_argument("--engines", default=",".join(ALL_ENGINES), help=f"comma list from: {', '.join(ALL_ENGINES)}")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per engine (rounds)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gap", type=float, default=1.0, help="seconds of idle between engines (lets spinning threads park)")
+    ap.add_argument(
+        "--gap", type=float, default=1.0, help="seconds of idle between engines (lets spinning threads park)"
+    )
     ap.add_argument("--no-curve", action="store_true", help="skip the long-context curve")
-    ap.add_argument("--curve-engines", default="all", help="engines that also measure the long-context curve (comma list or 'all')")
+    ap.add_argument(
+        "--curve-engines", default="all", help="engines that also measure the long-context curve (comma list or 'all')"
+    )
     ap.add_argument("--curve-points", type=int, default=8)
     ap.add_argument("--curve-steps", type=int, default=16)
     ap.add_argument("--curve-repeat", type=int, default=3, help="runs per curve position (the median is kept)")
-    ap.add_argument("--rebuild", action="store_true", help="re-export and re-quantize the gpt2deploy package (e.g. after changing the quantizer)")
-    ap.add_argument("--optimum-python", help="python of an environment with optimum-onnx (default: create benchmarks/.work/optimum-venv)")
+    ap.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-export and re-quantize the gpt2deploy package (e.g. after changing the quantizer)",
+    )
+    ap.add_argument(
+        "--optimum-python",
+        help="python of an environment with optimum-onnx (default: create benchmarks/.work/optimum-venv)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     unknown = [e for e in a.engines.split(",") if e not in ALL_ENGINES]
@@ -76,22 +99,39 @@ def build_peers(a, ckpt: Path, prompt: list[int], log_dir: Path) -> list[Peer]:
         if key.startswith("gpt2deploy-"):
             variant = key.split("-", 1)[1]
             reason = failed.get(variant, "") if pkg else failed[variant]
-            peers.append(Peer(key, {**common, "engine": "gpt2deploy", "model": str(pkg), "variant": variant}, reason=reason))
+            peers.append(
+                Peer(key, {**common, "engine": "gpt2deploy", "model": str(pkg), "variant": variant}, reason=reason)
+            )
         elif key == "transformers":
             peers.append(Peer(key, {**common, "engine": "transformers", "model": str(ckpt)}))
         elif key == "optimum":
-            python, reason = (a.optimum_python, "") if a.optimum_python else envs.ensure_venv(
-                prepare.WORK / "optimum-venv", envs.OPTIMUM_REQUIREMENTS, log_dir / "optimum-venv.log", say=say
+            python, reason = (
+                (a.optimum_python, "")
+                if a.optimum_python
+                else envs.ensure_venv(
+                    prepare.WORK / "optimum-venv", envs.OPTIMUM_REQUIREMENTS, log_dir / "optimum-venv.log", say=say
+                )
             )
             cache = prepare.WORK / f"optimum-{prepare.checkpoint_key(ckpt)}"
             spec = {**common, "engine": "optimum", "model": str(ckpt), "cache": str(cache)}
-            peers.append(Peer(key, spec, python=str(python) if python else None,
-                              reason=f"not available: {reason}" if reason else ""))
+            peers.append(
+                Peer(
+                    key,
+                    spec,
+                    python=str(python) if python else None,
+                    reason=f"not available: {reason}" if reason else "",
+                )
+            )
         elif key.startswith("ctranslate2-"):
             quant = key.split("-", 1)[1]
             path, reason = prepare.ctranslate2_model(ckpt, quant, say=say)
-            spec = {**common, "engine": "ctranslate2", "model": str(path), "compute_type": quant,
-                    "tokenizer": str(ckpt / "tokenizer.json")}
+            spec = {
+                **common,
+                "engine": "ctranslate2",
+                "model": str(path),
+                "compute_type": quant,
+                "tokenizer": str(ckpt / "tokenizer.json"),
+            }
             peers.append(Peer(key, spec, reason=reason))
     return peers
 
@@ -134,7 +174,9 @@ def main(argv=None) -> int:
                 p.run(r)
                 if p.available:
                     last = p.runs[-1]
-                    say(f"round {r + 1}/{a.repeat} {p.key}: decode {last['decode_tok_s']:.1f} tok/s, TTFT {last['ttft_ms']:.1f} ms")
+                    say(
+                        f"round {r + 1}/{a.repeat} {p.key}: decode {last['decode_tok_s']:.1f} tok/s, TTFT {last['ttft_ms']:.1f} ms"
+                    )
                 else:
                     say(f"round {r + 1}/{a.repeat} {p.key}: failed: {p.reason}")
         for p in peers:
@@ -157,9 +199,14 @@ def main(argv=None) -> int:
     result = {
         "workload": {
             "shape": f"GPT-2 {config.get('n_layer')} layers x {config.get('n_embd')} hidden, {n_ctx} context"
-                     + (" (GPT-2-small, 124M)" if (config.get("n_layer"), config.get("n_embd")) == (12, 768) else ""),
-            "checkpoint": str(ckpt), "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-            "threads": a.threads, "repeat": a.repeat, "curve_steps": a.curve_steps, "curve_repeat": a.curve_repeat,
+            + (" (GPT-2-small, 124M)" if (config.get("n_layer"), config.get("n_embd")) == (12, 768) else ""),
+            "checkpoint": str(ckpt),
+            "prompt_tokens": a.prompt_tokens,
+            "new_tokens": a.new_tokens,
+            "threads": a.threads,
+            "repeat": a.repeat,
+            "curve_steps": a.curve_steps,
+            "curve_repeat": a.curve_repeat,
         },
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
         "engines": rows,

@@ -22,6 +22,7 @@ exported with ``gpt2deploy export`` when absent), the fp32 variant, batch 1, gre
 Runs alternate between the engines/positions and repeat; medians are reported. The machine may be shared,
 so look at the ratios, not the absolute numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,11 @@ TOKENIZER = ROOT.parent / "shared" / "gpt2-tokenizer"
 def ensure_package(ckpt: Path, pkg: Path) -> None:
     if not (ckpt / "config.json").is_file():
         print(f"writing a GPT-2-small-shaped random checkpoint to {ckpt}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "exporters.synthetic", str(ckpt), "--tokenizer", str(TOKENIZER)], check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "exporters.synthetic", str(ckpt), "--tokenizer", str(TOKENIZER)],
+            check=True,
+            cwd=ROOT,
+        )
     if not (pkg / "manifest.json").is_file():
         print(f"exporting {ckpt} to {pkg}", file=sys.stderr)
         subprocess.run(["gpt2deploy", "export", str(ckpt), "-o", str(pkg)], check=True)
@@ -74,9 +79,17 @@ def fused_copy(pkg: Path, out: Path) -> Path:
         onnx.save(fused, str(tmp / "onnx" / "model.onnx"))
         manifest = json.loads((tmp / "manifest.json").read_text())
         old = manifest["variants"]["fp32"]
-        manifest["variants"] = {"fp32": variant_entry(tmp, "fp32", ["onnx/model.onnx"], "fp32", old["opset"],
-                                                      dict(old["recipe"], fused={"MultiHeadAttention": report["fused"]}),
-                                                      old["providers"])}
+        manifest["variants"] = {
+            "fp32": variant_entry(
+                tmp,
+                "fp32",
+                ["onnx/model.onnx"],
+                "fp32",
+                old["opset"],
+                dict(old["recipe"], fused={"MultiHeadAttention": report["fused"]}),
+                old["providers"],
+            )
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -90,7 +103,11 @@ def ours_decode(model, prompt: list[int], new: int) -> dict:
     r = model.generate_ids([prompt], max_new_tokens=new, ignore_eos=True)
     t = r.timings
     assert len(r.tokens[0]) == new
-    return {"tok_s": t["decode_tokens_per_second"], "overhead_ms": t["overhead_ms_per_step"], "prefill_s": t["prefill_seconds"]}
+    return {
+        "tok_s": t["decode_tokens_per_second"],
+        "overhead_ms": t["overhead_ms_per_step"],
+        "prefill_s": t["prefill_seconds"],
+    }
 
 
 class HF:
@@ -106,8 +123,14 @@ class HF:
         torch = self.torch
         with torch.inference_mode():
             t = time.perf_counter()
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                                      do_sample=False, pad_token_id=0)
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
             dt = time.perf_counter() - t
         assert out.shape[1] == ids.shape[1] + new
         return dt
@@ -136,7 +159,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--variants", default="", help="also compare these variants' decode speed (comma list)")
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--fused-attention", action="store_true", help="also measure an attention-fused copy of the fp32 graph")
+    ap.add_argument(
+        "--fused-attention", action="store_true", help="also measure an attention-fused copy of the fp32 graph"
+    )
     ap.add_argument("--fused-pkg", default=None, help="where that copy lives (default: PKG + '-mha')")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -160,11 +185,19 @@ def main(argv=None) -> dict:
         hf.decode(prompt, 4)
     rows: dict[str, list] = {"hf": []}
     for k in models:
-        rows.update({f"{k}:decode": [], f"{k}:near": [], f"{k}:far": [], f"{k}:overhead_ms": [],
-                     f"{k}:near_overhead_ms": [], f"{k}:far_overhead_ms": []})
+        rows.update(
+            {
+                f"{k}:decode": [],
+                f"{k}:near": [],
+                f"{k}:far": [],
+                f"{k}:overhead_ms": [],
+                f"{k}:near_overhead_ms": [],
+                f"{k}:far_overhead_ms": [],
+            }
+        )
     tasks = [("hf", None)] + [(k, w) for k in models for w in ("decode", "near", "far")]
     for rep in range(a.repeat):
-        for key, what in (tasks if rep % 2 == 0 else tasks[::-1]):
+        for key, what in tasks if rep % 2 == 0 else tasks[::-1]:
             if key == "hf":
                 if hf:
                     rows["hf"].append(hf.decode(prompt, a.new_tokens)["tok_s"])
@@ -201,10 +234,10 @@ def main(argv=None) -> dict:
     for k in models:
         g = {
             "decode_tok_s": med(rows[f"{k}:decode"]),
-            "speedup_vs_transformers": med([o / h for o, h in zip(rows[f"{k}:decode"], rows["hf"])]) if hf else None,
+            "speedup_vs_transformers": med([o / h for o, h in zip(rows[f"{k}:decode"], rows["hf"], strict=False)]) if hf else None,
             "near_decode_tok_s": med(rows[f"{k}:near"]),
             "far_decode_tok_s": med(rows[f"{k}:far"]),
-            "far_over_near": med([f / n for f, n in zip(rows[f"{k}:far"], rows[f"{k}:near"])]),
+            "far_over_near": med([f / n for f, n in zip(rows[f"{k}:far"], rows[f"{k}:near"], strict=False)]),
             "overhead_ms_per_step": med(rows[f"{k}:overhead_ms"]),
             # the loop's own time per step (outside session.run) near and far: flat when nothing grows with context
             "overhead_ms_per_step_near_far": [med(rows[f"{k}:near_overhead_ms"]), med(rows[f"{k}:far_overhead_ms"])],
@@ -224,10 +257,13 @@ def main(argv=None) -> dict:
         for m in vmodels.values():
             ours_decode(m, prompt, 8)
         for rep in range(a.repeat):
-            for v in (list(vmodels) if rep % 2 == 0 else list(vmodels)[::-1]):
+            for v in list(vmodels) if rep % 2 == 0 else list(vmodels)[::-1]:
                 speeds[v].append(ours_decode(vmodels[v], prompt, a.new_tokens)["tok_s"])
         report["variants"] = {v: med(s) for v, s in speeds.items()}
-        print("variants decode tok/s: " + ", ".join(f"{v} {s:.1f}" for v, s in report["variants"].items()), file=sys.stderr)
+        print(
+            "variants decode tok/s: " + ", ".join(f"{v} {s:.1f}" for v, s in report["variants"].items()),
+            file=sys.stderr,
+        )
     report["samples"] = rows
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     if a.json:

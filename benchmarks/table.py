@@ -1,4 +1,5 @@
 """Summaries of the harness's measurements: medians, spread and ratios versus transformers, as markdown."""
+
 from __future__ import annotations
 
 import statistics
@@ -17,7 +18,12 @@ def summarize_peer(peer) -> dict:
     for metric in ("ttft_ms", "decode_tok_s", "e2e_tok_s"):
         values = [r[metric] for r in peer.runs if r.get(metric) is not None]
         if values:
-            out[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+            out[metric] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "n": len(values),
+            }
     out["memory"] = peer.memory
     out["load_s"] = peer.info.get("load_s")
     out["model_mb"] = peer.info.get("model_mb")
@@ -81,8 +87,10 @@ def _load_note(result: dict) -> str:
     cpus = result.get("machine", {}).get("cpus")
     if not loads or not cpus:
         return ""
-    return (f" Machine load (1-min average) during the timed runs: median {statistics.median(loads):.1f}, "
-            f"max {max(loads):.1f} on {cpus} CPUs (the benchmark itself adds up to its thread count).")
+    return (
+        f" Machine load (1-min average) during the timed runs: median {statistics.median(loads):.1f}, "
+        f"max {max(loads):.1f} on {cpus} CPUs (the benchmark itself adds up to its thread count)."
+    )
 
 
 def markdown(result: dict) -> str:
@@ -100,7 +108,9 @@ def markdown(result: dict) -> str:
     ]
     for r in result["engines"]:
         if "unavailable" in r:
-            lines.append(f"| {r['name']} | not available: {r['unavailable'].removeprefix('not available: ')} | | | | | | | | |")
+            lines.append(
+                f"| {r['name']} | not available: {r['unavailable'].removeprefix('not available: ')} | | | | | | | | |"
+            )
             continue
         ratio = r.get("vs_transformers", {})
         rss = r.get("memory", {}).get("peak_rss_mb")
@@ -114,7 +124,11 @@ def markdown(result: dict) -> str:
     if curves:
         steps = result["workload"]["curve_steps"]
         reps = result["workload"].get("curve_repeat", 1)
-        lines += ["", f"Long context: decode tok/s after a prompt of N tokens ({steps} timed decode steps; median of {reps} runs).", ""]
+        lines += [
+            "",
+            f"Long context: decode tok/s after a prompt of N tokens ({steps} timed decode steps; median of {reps} runs).",
+            "",
+        ]
         lines.append("| position | " + " | ".join(name for name, _ in curves) + " |")
         lines.append("|---:|" + "---:|" * len(curves))
         positions = sorted({p["position"] for _, c in curves for p in c})
@@ -125,11 +139,15 @@ def markdown(result: dict) -> str:
                 cells.append(f"{point['decode_tok_s']:.1f}" if point and point.get("decode_tok_s") else "")
             lines.append(f"| {pos} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append("| engine | decode tok/s at the last position / at the first | peak RSS MB with the long prompts |")
+        lines.append(
+            "| engine | decode tok/s at the last position / at the first | peak RSS MB with the long prompts |"
+        )
         lines.append("|---|---:|---:|")
         for r in result["engines"]:
             pts = [p for p in r.get("long_context") or [] if p.get("decode_tok_s")]
             if len(pts) >= 2:
                 peak = r.get("memory", {}).get("with_long_context", {}).get("peak_rss_mb")
-                lines.append(f"| {r['name']} | {pts[-1]['decode_tok_s'] / pts[0]['decode_tok_s']:.2f} | {f'{peak:.0f}' if peak else 'n/a'} |")
+                lines.append(
+                    f"| {r['name']} | {pts[-1]['decode_tok_s'] / pts[0]['decode_tok_s']:.2f} | {f'{peak:.0f}' if peak else 'n/a'} |"
+                )
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ It loads the engine, warms up, prints {"event": "ready", ...}, then answers comm
 growing length), ``memory`` (the process's peak and current RSS so far) and ``quit`` (the same, then exit). Anything the libraries print goes
 to stderr so stdout carries only the protocol.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,15 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         for _ in range(spec.get("warmup", 1)):
             timed(engine, spec["prompt"], spec["new_tokens"])
-        send({"event": "ready", "name": engine.name, "load_s": load_s,
-              "model_mb": round(getattr(engine, "model_bytes", 0) / 2**20, 1), **memory()})
+        send(
+            {
+                "event": "ready",
+                "name": engine.name,
+                "load_s": load_s,
+                "model_mb": round(getattr(engine, "model_bytes", 0) / 2**20, 1),
+                **memory(),
+            }
+        )
     except Exception as e:  # report why this engine cannot run, the harness goes on without it
         traceback.print_exc()
         send({"event": "error", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
@@ -87,13 +95,21 @@ def main() -> None:
             elif cmd == "curve":
                 req = json.loads(arg)
                 points = []
-                for p, ids in zip(req["positions"], req["prompts"]):
+                for p, ids in zip(req["positions"], req["prompts"], strict=False):
                     # the run with the median decode speed of req["repeat"] runs
-                    runs = sorted((timed(engine, ids, req["steps"] + 1) for _ in range(req.get("repeat", 1))),
-                                  key=lambda r: r["decode_tok_s"] or 0.0)
+                    runs = sorted(
+                        (timed(engine, ids, req["steps"] + 1) for _ in range(req.get("repeat", 1))),
+                        key=lambda r: r["decode_tok_s"] or 0.0,
+                    )
                     r = runs[len(runs) // 2]
-                    points.append({"position": p, "end": p + req["steps"], "decode_tok_s": r["decode_tok_s"],
-                                   "prefill_ms": r["ttft_ms"]})
+                    points.append(
+                        {
+                            "position": p,
+                            "end": p + req["steps"],
+                            "decode_tok_s": r["decode_tok_s"],
+                            "prefill_ms": r["ttft_ms"],
+                        }
+                    )
                 send({"event": "curve", "points": points})
             elif cmd == "memory":
                 send({"event": "memory", **memory()})

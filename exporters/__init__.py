@@ -2,6 +2,7 @@
 
 Knows nothing of packages, manifests or the CLI: it takes a checkpoint and returns graphs and plain metadata.
 """
+
 from .checkpoint import Checkpoint, load_model, locate
 from .errors import CheckpointError, ExportError, ParityError
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET, check_opset, export_onnx, model_dims

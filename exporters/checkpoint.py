@@ -1,4 +1,5 @@
 """Locate, validate and load a Hugging Face GPT-2 checkpoint (local directory or hub id)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,12 @@ from pathlib import Path
 from .errors import CheckpointError
 
 SUPPORTED_MODEL_TYPE = "gpt2"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -46,12 +52,34 @@ def _download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - comes with transformers
-        raise CheckpointError(f"'{repo_id}' is not a local directory and huggingface_hub is not installed; pass a local checkpoint directory") from None
-    base = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
+        raise CheckpointError(
+            f"'{repo_id}' is not a local directory and huggingface_hub is not installed; pass a local checkpoint directory"
+        ) from None
+    base = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+    ]
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=base + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], etag_timeout=10))
+        path = Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=base + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+                etag_timeout=10,
+            )
+        )
         if not any((path / n).is_file() for n in WEIGHT_FILES):  # older repos ship only pytorch_model.bin
-            path = Path(snapshot_download(repo_id, allow_patterns=base + ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"], etag_timeout=10))
+            path = Path(
+                snapshot_download(
+                    repo_id,
+                    allow_patterns=base + ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"],
+                    etag_timeout=10,
+                )
+            )
         return path
     except Exception as e:  # offline, unknown repo, gated repo...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -66,19 +94,31 @@ def locate(model: str | os.PathLike) -> Checkpoint:
     source = str(model)
     path = Path(source).expanduser()
     if not path.exists():
-        looks_local = source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1) or source.count("/") > 1
+        looks_local = (
+            source.startswith((".", "/", "~"))
+            or os.sep in source.strip("/").replace("/", "", 1)
+            or source.count("/") > 1
+        )
         if looks_local or not _HUB_ID.match(source):
-            raise CheckpointError(f"model path {source} does not exist; pass a local GPT-2 checkpoint directory or a hub id like 'gpt2'")
+            raise CheckpointError(
+                f"model path {source} does not exist; pass a local GPT-2 checkpoint directory or a hub id like 'gpt2'"
+            )
         path = _download(source)
     if not path.is_dir():
-        raise CheckpointError(f"model path {source} is a file; pass the checkpoint directory that holds config.json and the weights")
+        raise CheckpointError(
+            f"model path {source} is a file; pass the checkpoint directory that holds config.json and the weights"
+        )
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"{source} is not a Hugging Face checkpoint (no config.json); pass a directory saved with save_pretrained")
+        raise CheckpointError(
+            f"{source} is not a Hugging Face checkpoint (no config.json); pass a directory saved with save_pretrained"
+        )
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-save the checkpoint with save_pretrained") from None
+        raise CheckpointError(
+            f"{cfg_path} is not valid JSON ({e}); re-save the checkpoint with save_pretrained"
+        ) from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != SUPPORTED_MODEL_TYPE:
         raise CheckpointError(
@@ -120,7 +160,11 @@ def load_model(ckpt: Checkpoint):
     hf_logging.set_verbosity_error()
     try:
         model = GPT2LMHeadModel.from_pretrained(
-            ckpt.path, trust_remote_code=False, weights_only=True, dtype=torch.float32, use_safetensors=ckpt.weight_files[0].endswith(".safetensors")
+            ckpt.path,
+            trust_remote_code=False,
+            weights_only=True,
+            dtype=torch.float32,
+            use_safetensors=ckpt.weight_files[0].endswith(".safetensors"),
         )
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]

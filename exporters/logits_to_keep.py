@@ -8,6 +8,7 @@ sliced to their last N positions before the projection, and ``logits`` is [batch
 position. The input is an initializer listed among the graph inputs (ONNX's way to give an input a default,
 0), so callers following the plain Optimum contract never feed it and get every position, as before.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,14 +34,18 @@ def add_logits_to_keep(model) -> bool:
     head = next((n for n in graph.node if "logits" in n.output), None)
     if head is None or head.op_type not in _HEAD_OPS:
         found = "no node" if head is None else f"a {head.op_type} node"
-        raise ExportError(f"the exported graph's logits come from {found}, not the vocabulary MatMul; check that the checkpoint is a GPT2LMHeadModel")
+        raise ExportError(
+            f"the exported graph's logits come from {found}, not the vocabulary MatMul; check that the checkpoint is a GPT2LMHeadModel"
+        )
     starts, ends, axes, kept = (f"{NAME}/{s}" for s in ("starts", "ends", "axes", "hidden"))
     graph.input.append(helper.make_tensor_value_info(NAME, TensorProto.INT64, [1]))
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array([DEFAULT], np.int64), NAME),
-        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), ends),
-        numpy_helper.from_array(np.array([1], np.int64), axes),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([DEFAULT], np.int64), NAME),
+            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), ends),
+            numpy_helper.from_array(np.array([1], np.int64), axes),
+        ]
+    )
     at = list(graph.node).index(head)
     graph.node.insert(at, helper.make_node("Slice", [head.input[0], starts, ends, axes], [kept], name=f"{NAME}/Slice"))
     graph.node.insert(at, helper.make_node("Neg", [NAME], [starts], name=f"{NAME}/Neg"))

@@ -3,6 +3,7 @@
 The same graph serves the prompt step (past length 0) and decode steps. Axes batch, sequence and past
 are dynamic; ids are int64; the KV layout is [batch, heads, seq, head_dim].
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,9 @@ def model_dims(config) -> dict:
 
 def check_opset(opset: int) -> None:
     if not isinstance(opset, int) or opset < MIN_OPSET or opset > MAX_OPSET:
-        raise ExportError(f"opset {opset} is not supported; pass --opset between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})")
+        raise ExportError(
+            f"opset {opset} is not supported; pass --opset between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})"
+        )
 
 
 class CachedLM:
@@ -105,7 +108,7 @@ def _quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lvl in zip(loggers, levels):
+        for lg, lvl in zip(loggers, levels, strict=False):
             lg.setLevel(lvl)
 
 
@@ -157,7 +160,9 @@ def export_onnx(model, onnx_path: str | Path, opset: int = DEFAULT_OPSET) -> dic
             )
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {reason}); check that torch and transformers are the supported versions") from None
+        raise ExportError(
+            f"torch.onnx.export failed ({type(e).__name__}: {reason}); check that torch and transformers are the supported versions"
+        ) from None
     with _quiet():
         if external:
             program.save(str(onnx_path), external_data=True)

@@ -6,6 +6,7 @@ Three checks, all on tokenized English prompts:
 - a batch of two prompts of different lengths with left padding (prompt step and decode steps).
 Max abs logit difference must stay within ``atol`` and greedy tokens must be identical.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,8 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
@@ -59,18 +60,21 @@ class _Runner:
 
     def last_logits(self, ids, mask, pos, past) -> np.ndarray:
         """The graph's logits with ``logits_to_keep`` = 1: the last position only."""
-        feed = dict(zip(self.names, [ids, mask, pos, *past]))
+        feed = dict(zip(self.names, [ids, mask, pos, *past], strict=False))
         feed[LOGITS_TO_KEEP] = np.array([1], np.int64)
         return self.sess.run(["logits"], feed)[0]
 
     def step(self, ids, mask, pos, past):
         import torch
 
-        feed = dict(zip(self.names, [ids, mask, pos, *past]))
+        feed = dict(zip(self.names, [ids, mask, pos, *past], strict=False))
         ort_out = self.sess.run(None, feed)
         with torch.no_grad():
             ref = self.torch_fn(
-                torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), [torch.from_numpy(p) for p in past]
+                torch.from_numpy(ids),
+                torch.from_numpy(mask),
+                torch.from_numpy(pos),
+                [torch.from_numpy(p) for p in past],
             )
         ref = [t.numpy() for t in ref]
         return ort_out, ref
@@ -92,7 +96,9 @@ def _run_sequence(r: _Runner, rows: list[list[int]], pad_id: int, steps: int) ->
         last = r.last_logits(ids, mask, pos, r.empty_past(len(rows)))
         prompt_diff = max(prompt_diff, _diff(last, ref[0][:, -1:]) if last.shape[1] == 1 else float("inf"))
     seq_mask = mask.astype(bool)[:, None, :, None]  # pad positions hold don't-care values
-    present_diff = max(float(np.abs(a - b)[np.broadcast_to(seq_mask, a.shape)].max()) for a, b in zip(ort_out[1:], ref[1:]))
+    present_diff = max(
+        float(np.abs(a - b)[np.broadcast_to(seq_mask, a.shape)].max()) for a, b in zip(ort_out[1:], ref[1:], strict=False)
+    )
     decode_diff = 0.0
     ort_tokens, ref_tokens = [], []
     past_ort, past_ref = ort_out[1:], [x.copy() for x in ref[1:]]
@@ -141,7 +147,10 @@ def validate(
     single = _run_sequence(runner, rows[:1], pad_id, steps)
     batch = _run_sequence(runner, rows, pad_id, steps)
     worst = max(
-        single["prompt_max_abs_diff"], single["decode_max_abs_diff"], batch["prompt_max_abs_diff"], batch["decode_max_abs_diff"]
+        single["prompt_max_abs_diff"],
+        single["decode_max_abs_diff"],
+        batch["prompt_max_abs_diff"],
+        batch["decode_max_abs_diff"],
     )
     report = {
         "atol": atol,

@@ -3,6 +3,7 @@
 Unlike Hugging Face's initialisation (zero biases, unit LayerNorm), every bias and LayerNorm parameter
 here is non-zero, as in a trained checkpoint, so exporters and graph optimizers see realistic graphs.
 """
+
 from __future__ import annotations
 
 import shutil

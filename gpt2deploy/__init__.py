@@ -2,6 +2,7 @@
 
 Importing this package (and loading/generating) needs only onnxruntime, numpy and tokenizers.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -5,13 +5,14 @@ done. A variant that fails its accuracy gate is dropped from the package (its fi
 unless ``allow_regression``, which keeps it with ``accuracy.passed = false`` so automatic variant selection
 skips it.
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from .errors import RegressionError, UsageError
 from .fsutil import check_output_dir, staged_dir
@@ -117,8 +118,15 @@ def _check(path: Path, variants: list[str], text, thresholds, max_tokens, progre
             progress(f"{100 * done // total}% ({label})")
 
     return check_package(
-        path, variants=variants, reference=REFERENCE, text=text, max_tokens=max_tokens, thresholds=thresholds, progress=progress,
-        record=True, on_step=on_step,
+        path,
+        variants=variants,
+        reference=REFERENCE,
+        text=text,
+        max_tokens=max_tokens,
+        thresholds=thresholds,
+        progress=progress,
+        record=True,
+        on_step=on_step,
     )
 
 
@@ -250,4 +258,4 @@ def format_summary(rows: list[dict]) -> str:
             )
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines)

@@ -3,12 +3,13 @@
 ``check_package`` returns a report; it does not raise on a regression (the CLI and ``build`` decide what a
 failed gate means). Bad input raises UsageError/VariantError before any evaluation, and nothing is written.
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -83,7 +84,12 @@ def check_package(
     base = None
     if baseline is not None:
         base = validate_baseline(dict(baseline)) if isinstance(baseline, Mapping) else load_baseline(baseline)
-        check_compatible(base, identity, ev.identity(), where=f"baseline {baseline if not isinstance(baseline, Mapping) else ''}".strip())
+        check_compatible(
+            base,
+            identity,
+            ev.identity(),
+            where=f"baseline {baseline if not isinstance(baseline, Mapping) else ''}".strip(),
+        )
 
     progress(f"{ev.tokens} tokens of {ev.source} in {len(ev.windows)} windows of {ev.windows.shape[1]}")
     ref_model, ref_desc = open_reference(pkg, reference, device, threads)
@@ -147,7 +153,11 @@ def check_package(
         "reference": ref_desc,
         "text": ev.identity(),
         "window": window,
-        "greedy": {"prompts": int(prompts.shape[0]), "prompt_tokens": int(prompts.shape[1]), "new_tokens": int(new_tokens)},
+        "greedy": {
+            "prompts": int(prompts.shape[0]),
+            "prompt_tokens": int(prompts.shape[1]),
+            "new_tokens": int(new_tokens),
+        },
         "baseline": None if base is None else {"package": base.get("package"), "text": base.get("text")},
         "passed": all(r["passed"] for r in results.values()),
         "variants": results,
@@ -188,11 +198,19 @@ def _judge(pkg: Package, name: str, metrics: dict, overrides: dict, tol_override
     thresholds.update(overrides)
     failures = gates.evaluate(metrics, thresholds)
     if metrics.get("ref_nonfinite"):
-        failures.append(f"the reference produced {metrics['ref_nonfinite']} NaN/Inf logits; its numbers cannot vouch for this variant")
+        failures.append(
+            f"the reference produced {metrics['ref_nonfinite']} NaN/Inf logits; its numbers cannot vouch for this variant"
+        )
     notes = []
     if used != precision:
         notes.append(f"precision '{precision}' has no default gates; using the {used} ones")
-    result = {"precision": precision, "passed": False, "metrics": metrics, "thresholds": thresholds, "failures": failures}
+    result = {
+        "precision": precision,
+        "passed": False,
+        "metrics": metrics,
+        "thresholds": thresholds,
+        "failures": failures,
+    }
     if base is not None:
         theirs = base["variants"].get(name)
         if isinstance(theirs, dict) and isinstance(theirs.get("metrics"), dict):

@@ -2,6 +2,7 @@
 
 The CLI turns them into that line on stderr and an exit code; the library never prints.
 """
+
 from __future__ import annotations
 
 

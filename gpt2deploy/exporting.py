@@ -1,16 +1,27 @@
 """`gpt2deploy export`: checkpoint -> package directory with the fp32 variant, proven equal to PyTorch."""
+
 from __future__ import annotations
 
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import __version__
 from .fsutil import check_output_dir, staged_dir
-from .manifest import CONFIG_FILES, FORMAT, SCHEMA_VERSION, TOKENIZER_FILES, VARIANT_FILES, file_entry, io_contract, providers_for_graph, save_manifest
+from .manifest import (
+    CONFIG_FILES,
+    FORMAT,
+    SCHEMA_VERSION,
+    TOKENIZER_FILES,
+    VARIANT_FILES,
+    file_entry,
+    io_contract,
+    providers_for_graph,
+    save_manifest,
+)
 from .versions import library_versions
 
 Progress = Callable[[str], None]
@@ -24,7 +35,9 @@ class ExportResult:
     parity_seconds: float
 
 
-def variant_entry(root: Path, name: str, files: list[str], precision: str, opset: int, recipe: dict, providers: list[str], **extra) -> dict:
+def variant_entry(
+    root: Path, name: str, files: list[str], precision: str, opset: int, recipe: dict, providers: list[str], **extra
+) -> dict:
     """A manifest variant entry with file hashes computed from disk."""
     entries = [file_entry(root, f) for f in files]
     return {
@@ -48,7 +61,18 @@ def _generation_defaults(ckpt_dir: Path, dims: dict) -> dict:
             gen = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             gen = {}
-    keep = ("eos_token_id", "bos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "max_length")
+    keep = (
+        "eos_token_id",
+        "bos_token_id",
+        "pad_token_id",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "max_new_tokens",
+        "max_length",
+    )
     out = {k: gen[k] for k in keep if k in gen and gen[k] is not None}
     out.setdefault("eos_token_id", dims["eos_token_id"])
     return out
@@ -101,7 +125,9 @@ def export_package(
         if not (tmp / "tokenizer.json").is_file():
             _write_fast_tokenizer(ckpt.path, tmp)
         if not (tmp / "generation_config.json").is_file():
-            (tmp / "generation_config.json").write_text(json.dumps(_generation_defaults(ckpt.path, dims), indent=2) + "\n")
+            (tmp / "generation_config.json").write_text(
+                json.dumps(_generation_defaults(ckpt.path, dims), indent=2) + "\n"
+            )
         progress("validating parity with PyTorch")
         t0 = time.perf_counter()
         kwargs = {} if atol is None else {"atol": atol}
@@ -123,7 +149,9 @@ def export_package(
                 "n_params": meta["n_params"],
             },
             "model": dims,
-            "io": io_contract(dims["n_layer"], dims["n_head"], dims["head_dim"], dims["vocab_size"], tuple(meta["optional_inputs"])),
+            "io": io_contract(
+                dims["n_layer"], dims["n_head"], dims["head_dim"], dims["vocab_size"], tuple(meta["optional_inputs"])
+            ),
             "generation": _generation_defaults(ckpt.path, dims),
             "files": {n: file_entry(tmp, n) for n in shared},
             "variants": {
@@ -161,7 +189,9 @@ def _optimize_fp32(path: Path, dims: dict, progress: Progress) -> tuple[dict, st
     try:
         model, report = optimize(qgraph.load(path), dims["n_head"], dims["hidden_size"], progress=progress)
     except QuantError as e:
-        raise PackageError(f"optimizing the exported graph failed ({e}); export with --portable to keep the plain graph") from None
+        raise PackageError(
+            f"optimizing the exported graph failed ({e}); export with --portable to keep the plain graph"
+        ) from None
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     save_mapped(model, path)
@@ -178,4 +208,6 @@ def _write_fast_tokenizer(ckpt_dir: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
         tok.backend_tokenizer.save(str(out / "tokenizer.json"))
     except Exception as e:
-        raise PackageError(f"{ckpt_dir} has no usable tokenizer ({type(e).__name__}); add tokenizer.json or vocab.json + merges.txt") from None
+        raise PackageError(
+            f"{ckpt_dir} has no usable tokenizer ({type(e).__name__}); add tokenizer.json or vocab.json + merges.txt"
+        ) from None

@@ -1,4 +1,5 @@
 """Filesystem helpers: hashing, atomic writes and staged output directories."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import UsageError
 

@@ -2,6 +2,7 @@
 
 Reads the manifest only (no hashing, no sessions), so it is instant on any package size.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,9 @@ def auto_selection(manifest: dict) -> dict:
     try:
         from .runtime.select import select_variant
     except ImportError:
-        return {d: {"variant": None, "reason": "variant selection is not available in this gpt2deploy"} for d in DEVICES}
+        return {
+            d: {"variant": None, "reason": "variant selection is not available in this gpt2deploy"} for d in DEVICES
+        }
     from .errors import Gpt2DeployError
 
     out = {}
@@ -129,7 +132,8 @@ def format_description(info: dict) -> str:
     if src:
         n = src.get("n_params")
         lines.append(
-            f"source    {src.get('model')}" + (f" ({n / 1e6:.1f}M parameters" if n else " (")
+            f"source    {src.get('model')}"
+            + (f" ({n / 1e6:.1f}M parameters" if n else " (")
             + (f", weights sha256 {src['weights_sha256'][:12]}…)" if src.get("weights_sha256") else ")")
         )
     lines.append(
@@ -165,7 +169,7 @@ def format_description(info: dict) -> str:
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
     for name, v in info["variants"].items():
         if v["accuracy"] and v["accuracy"].get("failures"):
             lines.append(f"  {name} gate failures: {'; '.join(map(str, v['accuracy']['failures']))}")
@@ -179,7 +183,9 @@ def format_description(info: dict) -> str:
     gen = info["generation"]
     lines.append("generation " + (", ".join(f"{k}={v}" for k, v in gen.items()) if gen else "(none)"))
     libs = info["libraries"]
-    lines.append("libraries  " + (", ".join(f"{k} {'/'.join(v)}" for k, v in libs.items()) if libs else "(not recorded)"))
+    lines.append(
+        "libraries  " + (", ".join(f"{k} {'/'.join(v)}" for k, v in libs.items()) if libs else "(not recorded)")
+    )
     for device, pick in info["auto"].items():
         what = pick["variant"] or "none"
         lines.append(f"auto {device:<5} {what}" + (f" ({pick['reason']})" if pick.get("reason") else ""))

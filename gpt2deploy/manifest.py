@@ -9,6 +9,7 @@ A package is a directory::
 
 The runtime reads dims and graph I/O names from here; it never imports exporter code.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ def providers_for_graph(providers: list[str], fused: dict) -> list[str]:
         return list(providers)
     return [p for p in providers if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
 
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 CONFIG_FILES = ("config.json", "generation_config.json")
 
@@ -81,7 +83,9 @@ def io_contract(n_layer: int, n_head: int, head_dim: int, vocab_size: int, optio
     for i in range(n_layer):
         for kind in ("key", "value"):
             inputs.append({"name": past_name(i, kind), "dtype": "float32", "shape": [BATCH, n_head, PAST, head_dim]})
-            outputs.append({"name": present_name(i, kind), "dtype": "float32", "shape": [BATCH, n_head, TOTAL, head_dim]})
+            outputs.append(
+                {"name": present_name(i, kind), "dtype": "float32", "shape": [BATCH, n_head, TOTAL, head_dim]}
+            )
     contract = {"inputs": inputs, "outputs": outputs, "kv_layout": "batch,heads,sequence,head_dim"}
     if optional:
         contract["optional_inputs"] = [dict(OPTIONAL_INPUTS[n]) for n in optional]
@@ -112,9 +116,13 @@ def load_manifest(root: str | Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PackageError(f"{path} is not valid JSON ({e}); re-create the package with 'gpt2deploy export' or 'build'") from None
+        raise PackageError(
+            f"{path} is not valid JSON ({e}); re-create the package with 'gpt2deploy export' or 'build'"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise PackageError(f"{path} is not a gpt2deploy manifest; re-create the package with 'gpt2deploy export' or 'build'")
+        raise PackageError(
+            f"{path} is not a gpt2deploy manifest; re-create the package with 'gpt2deploy export' or 'build'"
+        )
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         if isinstance(version, int) and version > SCHEMA_VERSION:

@@ -1,10 +1,11 @@
 """Open a package directory: dims, variants, file integrity, atomic manifest updates."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .errors import IntegrityError, VariantError
 from .fsutil import sha256_file
@@ -23,7 +24,7 @@ class ModelDims:
     bos_token_id: int | None = None
 
     @classmethod
-    def from_manifest(cls, model: dict) -> "ModelDims":
+    def from_manifest(cls, model: dict) -> ModelDims:
         return cls(**{k: model.get(k) for k in cls.__dataclass_fields__})
 
 
@@ -36,7 +37,7 @@ class Package:
         self.dims = ModelDims.from_manifest(manifest["model"])
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Package":
+    def open(cls, path: str | os.PathLike) -> Package:
         root = Path(path).absolute()
         return cls(root, load_manifest(root))
 
@@ -96,7 +97,9 @@ class Package:
                 continue
             size = p.stat().st_size
             if size != entry["size"]:
-                problems.append(f"{rel}: size {size} differs from the manifest's {entry['size']} (file changed or truncated)")
+                problems.append(
+                    f"{rel}: size {size} differs from the manifest's {entry['size']} (file changed or truncated)"
+                )
                 continue
             if hashes and sha256_file(p) != entry["sha256"]:
                 problems.append(f"{rel}: sha256 differs from the manifest (file modified)")

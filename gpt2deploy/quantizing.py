@@ -5,6 +5,7 @@ text (finite logits, agreement with fp32) -> write beside the package -> record 
 Nothing is half-written: the graph is saved to a temporary directory inside the package, renamed into
 place, and the manifest is updated atomically; any failure restores the previous files.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .errors import PackageError, UsageError, VariantError
 from .fsutil import stage_prefix, sweep_stale_stages
@@ -51,7 +52,20 @@ SAMPLE_TEXT = (
 SAMPLE_TOKENS = 64
 #: int8 weight granularities: per tensor and per channel (DynamicQuantizeMatMul), or 8-bit MatMulNBits blocks.
 GRANULARITIES = ("tensor", "channel", "block")
-OPTIONS = {"granularity", "attention", "accuracy_level", "bits", "head_bits", "head_block_size", "head_symmetric", "embedding", "share_embedding", "quantize_embedding", "reduce_range", "symmetric"}
+OPTIONS = {
+    "granularity",
+    "attention",
+    "accuracy_level",
+    "bits",
+    "head_bits",
+    "head_block_size",
+    "head_symmetric",
+    "embedding",
+    "share_embedding",
+    "quantize_embedding",
+    "reduce_range",
+    "symmetric",
+}
 
 
 def quantize_package(
@@ -108,17 +122,23 @@ def quantize_package(
         raise UsageError(f"unknown attention '{attention}'; choose gqa (CPU, in-place KV cache) or mha (CPU and CUDA)")
     unknown = set(options) - OPTIONS
     if unknown:
-        raise UsageError(f"unknown quantize option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(OPTIONS))}")
+        raise UsageError(
+            f"unknown quantize option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(OPTIONS))}"
+        )
     exclude = [e.strip() for e in (exclude or ()) if e and e.strip()]
     pkg = Package.open(path)
     if "fp32" not in pkg.variants:
-        raise VariantError(f"package {pkg.root} has no fp32 variant to quantize from; re-export it with 'gpt2deploy export MODEL -o {pkg.root} --force'")
+        raise VariantError(
+            f"package {pkg.root} has no fp32 variant to quantize from; re-export it with 'gpt2deploy export MODEL -o {pkg.root} --force'"
+        )
     name = mode
     if name in pkg.variants and not force:
         raise UsageError(f"variant '{name}' already exists in {pkg.root}; pass --force to replace it")
     problems = pkg.integrity_problems(["fp32"])
     if problems:
-        raise PackageError(f"the fp32 variant of {pkg.root} fails its integrity check ({problems[0]}); re-export the package")
+        raise PackageError(
+            f"the fp32 variant of {pkg.root} fails its integrity check ({problems[0]}); re-export the package"
+        )
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -132,7 +152,9 @@ def quantize_package(
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model, opt_report = optimize(model, pkg.dims.n_head, pkg.dims.hidden_size, progress=progress, attention_op=ATTENTION_OPS[attention])
+    model, opt_report = optimize(
+        model, pkg.dims.n_head, pkg.dims.hidden_size, progress=progress, attention_op=ATTENTION_OPS[attention]
+    )
     timings["optimize"] = time.perf_counter() - t0
     fused = opt_report["fused"]
     progress("fused: " + (", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing"))
@@ -157,7 +179,14 @@ def quantize_package(
         timings["check"] = time.perf_counter() - t0
         files = [str(Path(dest).parent / p.name) for p in written]
         kv_cache = opt_report["kv_cache"]
-        entry = _commit(pkg, name, stage, written, files, recipe_for=lambda: _entry(pkg, name, files, recipe, fused, info, check, kv_cache))
+        entry = _commit(
+            pkg,
+            name,
+            stage,
+            written,
+            files,
+            recipe_for=lambda: _entry(pkg, name, files, recipe, fused, info, check, kv_cache),
+        )
     summary = _summary(pkg, name, entry, opt_report, info, check, timings)
     return {"variant": name, "entry": entry, "summary": summary}
 
@@ -166,27 +195,58 @@ def _quantize(model, mode, per_channel, block_size, exclude, options, progress):
     if mode == "int8" and options.get("granularity") == "block":
         from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
 
-        progress(f"quantizing to int8 MatMulNBits (symmetric blocks of {block_size}, accuracy_level {DEFAULT_ACCURACY_LEVEL})")
+        progress(
+            f"quantizing to int8 MatMulNBits (symmetric blocks of {block_size}, accuracy_level {DEFAULT_ACCURACY_LEVEL})"
+        )
         model, info = quantize_int4(model, block_size=block_size, bits=8, symmetric=True, exclude=exclude)
         info["mode"] = "int8"
-        recipe = {"mode": "int8", "granularity": "block", "per_channel": False, "block_size": block_size, "accuracy_level": DEFAULT_ACCURACY_LEVEL}
+        recipe = {
+            "mode": "int8",
+            "granularity": "block",
+            "per_channel": False,
+            "block_size": block_size,
+            "accuracy_level": DEFAULT_ACCURACY_LEVEL,
+        }
     elif mode == "int8":
         from quant.int8 import quantize_int8
 
         kw = {k: options[k] for k in ("reduce_range", "share_embedding", "quantize_embedding") if k in options}
         progress(f"quantizing to int8 ({'per-channel' if per_channel else 'per-tensor'} weights, dynamic activations)")
         model, info = quantize_int8(model, per_channel=per_channel, exclude=exclude, workdir=None, **kw)
-        recipe = {"mode": "int8", "granularity": options["granularity"], "per_channel": per_channel, "block_size": None, "accuracy_level": None}
+        recipe = {
+            "mode": "int8",
+            "granularity": options["granularity"],
+            "per_channel": per_channel,
+            "block_size": None,
+            "accuracy_level": None,
+        }
     elif mode == "int4":
         from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
 
-        kw = {k: options[k] for k in ("accuracy_level", "bits", "head_bits", "head_block_size", "head_symmetric", "embedding", "symmetric") if k in options}
+        kw = {
+            k: options[k]
+            for k in (
+                "accuracy_level",
+                "bits",
+                "head_bits",
+                "head_block_size",
+                "head_symmetric",
+                "embedding",
+                "symmetric",
+            )
+            if k in options
+        }
         level = kw.setdefault("accuracy_level", DEFAULT_ACCURACY_LEVEL)
         progress(f"quantizing to int{kw.get('bits', 4)} MatMulNBits (block {block_size}, accuracy_level {level})")
         model, info = quantize_int4(model, block_size=block_size, exclude=exclude, **kw)
         recipe = {
-            "mode": "int4", "per_channel": False, "block_size": block_size, "accuracy_level": level,
-            "head_bits": info["head_bits"], "head_block_size": info["head_block_size"], "head_symmetric": info["head_symmetric"],
+            "mode": "int4",
+            "per_channel": False,
+            "block_size": block_size,
+            "accuracy_level": level,
+            "head_bits": info["head_bits"],
+            "head_block_size": info["head_block_size"],
+            "head_symmetric": info["head_symmetric"],
         }
     else:
         from quant.fp16 import convert_fp16
@@ -223,10 +283,10 @@ def _sample_check(pkg: Package, graph: Path, fp32_path: Path, name: str) -> dict
     result = check_finite(graph, ids, d.n_layer, d.n_head, d.head_dim)
     ref = run_logits(fp32_path, ids, d.n_layer, d.n_head, d.head_dim)
     new = run_logits(graph, ids, d.n_layer, d.n_head, d.head_dim)
-    agree = float(np.mean(np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(ref, new)])))
+    agree = float(np.mean(np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(ref, new, strict=False)])))
     result.update(
         provider="CPUExecutionProvider",
-        max_abs_logit_diff=float(max(np.abs(a - b).max() for a, b in zip(ref, new))),
+        max_abs_logit_diff=float(max(np.abs(a - b).max() for a, b in zip(ref, new, strict=False))),
         top1_agreement=round(agree, 4),
     )
     return result
@@ -236,7 +296,9 @@ def note_for(name: str, providers: list[str], granularity: str | None = None) ->
     if name == "int8" and granularity == "block":
         return "CPU variant: int8 weights in symmetric blocks (MatMulNBits), activations quantized to int8 per block at run time"
     if "CUDAExecutionProvider" in PROVIDERS[name] and "CUDAExecutionProvider" not in providers:
-        return NOTES[name].replace("CPU and CUDA variant", "CPU variant (in-place KV cache; quantize with --attention mha for CUDA)")
+        return NOTES[name].replace(
+            "CPU and CUDA variant", "CPU variant (in-place KV cache; quantize with --attention mha for CUDA)"
+        )
     return NOTES[name]
 
 
@@ -248,7 +310,9 @@ def _entry(pkg, name, files, recipe, fused, info, check, kv_cache="concat") -> d
     from .exporting import variant_entry
 
     header = onnx.load(str(pkg.root / files[0]), load_external_data=False)
-    recipe = dict(recipe, fused=fused, source="fp32", source_sha256=pkg.variant("fp32")["files"][0]["sha256"], details=info)
+    recipe = dict(
+        recipe, fused=fused, source="fp32", source_sha256=pkg.variant("fp32")["files"][0]["sha256"], details=info
+    )
     providers = providers_for_graph(PROVIDERS[name], fused)
     return variant_entry(
         pkg.root,
@@ -288,7 +352,7 @@ def _commit(pkg: Package, name: str, stage: Path, written: list[Path], files: li
                 backup = stage / f"previous-{target.name}"
                 os.replace(target, backup)
                 backups[target] = backup
-        for src, rel in zip(written, files):
+        for src, rel in zip(written, files, strict=False):
             os.replace(src, pkg.root / rel)
             moved.append(pkg.root / rel)
         entry = recipe_for()
@@ -307,7 +371,11 @@ def _head_note(name: str, info: dict) -> str | None:
     tied = (info.get("tied_embedding") or {}).get("shared")
     if name == "int8":
         block = (info.get("tied_embedding") or {}).get("block_size") or info.get("block_size")
-        return f"int8 blocks of {block} (MatMulNBits), shared with the embedding lookup" if tied else "int8, untied from the embedding"
+        return (
+            f"int8 blocks of {block} (MatMulNBits), shared with the embedding lookup"
+            if tied
+            else "int8, untied from the embedding"
+        )
     if name == "int4":
         bits = info.get("head_bits", info.get("bits"))
         block = info.get("head_block_size") or info.get("block_size")

@@ -14,14 +14,15 @@ the previous step (empty, sequence length 0, on the first step), batched on thei
 
 Only ``REPO/<name>`` is written (staged, renamed in place), so other models in the repository are untouched.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from . import __version__
 from .errors import UsageError
@@ -73,12 +74,16 @@ def _pick_variant(pkg: Package, variant: str | None, device: str) -> str:
     return select_variant(pkg.manifest, device)[0]
 
 
-def config_pbtxt(name: str, contract: dict, device: str = "cpu", instances: int = 1, threads: int | None = None, note: str = "") -> str:
+def config_pbtxt(
+    name: str, contract: dict, device: str = "cpu", instances: int = 1, threads: int | None = None, note: str = ""
+) -> str:
     """The Triton model configuration (protobuf text format) for a graph with this I/O contract."""
 
     def tensor(t: dict) -> str:
         if t["dtype"] not in TRITON_TYPES:
-            raise UsageError(f"tensor {t['name']} has dtype {t['dtype']}, which Triton cannot serve; choose another variant")
+            raise UsageError(
+                f"tensor {t['name']} has dtype {t['dtype']}, which Triton cannot serve; choose another variant"
+            )
         dims = ", ".join(str(d) if isinstance(d, int) else "-1" for d in t["shape"])
         return f'  {{\n    name: "{t["name"]}"\n    data_type: {TRITON_TYPES[t["dtype"]]}\n    dims: [ {dims} ]\n  }}'
 
@@ -114,18 +119,24 @@ def export_triton(
     variant = _pick_variant(pkg, variant, device)
     name = name or default_name(pkg.manifest, variant)
     if not _NAME.match(name):
-        raise UsageError(f"model name '{name}' is not a valid Triton model directory name; use letters, digits, '_', '-', '.'")
+        raise UsageError(
+            f"model name '{name}' is not a valid Triton model directory name; use letters, digits, '_', '-', '.'"
+        )
     repo = Path(repo).absolute()
     if repo.exists() and not repo.is_dir():
         raise UsageError(f"Triton repository path {repo} is a file; pass a directory")
     if repo.resolve() == pkg.root.resolve() or pkg.root.resolve() in (repo / name).resolve().parents:
-        raise UsageError(f"the Triton repository {repo} must be outside the package {pkg.root}; choose another directory")
+        raise UsageError(
+            f"the Triton repository {repo} must be outside the package {pkg.root}; choose another directory"
+        )
     out = check_output_dir(repo / name, force)
     progress(f"checking {variant} files")
     pkg.check_integrity([variant])
     entry = pkg.variant(variant)
     contract = entry.get("io") or pkg.manifest["io"]
-    note = f"gpt2deploy {__version__}: variant {variant} of {pkg.manifest.get('source', {}).get('model', pkg.root.name)}"
+    note = (
+        f"gpt2deploy {__version__}: variant {variant} of {pkg.manifest.get('source', {}).get('model', pkg.root.name)}"
+    )
     config = config_pbtxt(name, contract, device=device, instances=instances, threads=threads, note=note)
     written = []
     with staged_dir(out) as tmp:

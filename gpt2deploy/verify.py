@@ -9,6 +9,7 @@ manifest's I/O contract and its external data files are listed.
 Graphs are read with ``onnx`` (without loading weights) when it is installed, otherwise through an
 ONNX Runtime session, so verify works with the runtime install alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,7 +57,9 @@ class GraphIO:
     optional: dict = field(default_factory=dict)  # inputs with a default (initializers listed as inputs)
 
 
-def verify_package(path: str | os.PathLike, hashes: bool = True, graphs: bool = True, reader: str = "auto") -> VerifyReport:
+def verify_package(
+    path: str | os.PathLike, hashes: bool = True, graphs: bool = True, reader: str = "auto"
+) -> VerifyReport:
     """Verify a package. Raises :class:`PackageError` only when ``path`` is not a package directory at all."""
     root = Path(path).absolute()
     report = VerifyReport(root)
@@ -69,7 +72,9 @@ def verify_package(path: str | os.PathLike, hashes: bool = True, graphs: bool = 
         raise
     manifest_real = (root / MANIFEST_NAME).resolve()
     if manifest_real.parent != root.resolve():
-        report.problems.append(f"{MANIFEST_NAME}: symlink points outside the package ({manifest_real}); packages must be self-contained")
+        report.problems.append(
+            f"{MANIFEST_NAME}: symlink points outside the package ({manifest_real}); packages must be self-contained"
+        )
     pkg = Package(root, manifest)
     good, bad_entries = _well_formed_variants(manifest)
     report.problems += bad_entries
@@ -98,7 +103,10 @@ def verify_package(path: str | os.PathLike, hashes: bool = True, graphs: bool = 
 
 def _entries_ok(entries) -> bool:
     return isinstance(entries, list) and all(
-        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+        isinstance(e, dict)
+        and isinstance(e.get("path"), str)
+        and isinstance(e.get("sha256"), str)
+        and isinstance(e.get("size"), int)
         for e in entries
     )
 
@@ -107,20 +115,30 @@ def _well_formed_variants(manifest: dict) -> tuple[list[str], list[str]]:
     good, problems = [], []
     for name, v in manifest["variants"].items():
         if not isinstance(v, dict) or not _entries_ok(v.get("files")) or not v.get("files"):
-            problems.append(f"variant {name}: manifest entry lacks its file list (path, sha256, size); rebuild the package")
+            problems.append(
+                f"variant {name}: manifest entry lacks its file list (path, sha256, size); rebuild the package"
+            )
             continue
         paths = [e["path"] for e in v["files"]]
         if v.get("file") not in paths:
-            problems.append(f"variant {name}: its graph file {v.get('file')!r} is not among its listed files; rebuild the package")
+            problems.append(
+                f"variant {name}: its graph file {v.get('file')!r} is not among its listed files; rebuild the package"
+            )
             continue
         if v.get("kv_cache", "concat") not in KV_CACHE_MODES:
-            problems.append(f"variant {name}: unknown kv_cache {v.get('kv_cache')!r} (known: {', '.join(KV_CACHE_MODES)}); rebuild the package")
+            problems.append(
+                f"variant {name}: unknown kv_cache {v.get('kv_cache')!r} (known: {', '.join(KV_CACHE_MODES)}); rebuild the package"
+            )
             continue
         if v.get("size") != sum(e["size"] for e in v["files"]):
-            problems.append(f"variant {name}: recorded size {v.get('size')} is not the sum of its files; rebuild the package")
+            problems.append(
+                f"variant {name}: recorded size {v.get('size')} is not the sum of its files; rebuild the package"
+            )
         bad = [p for p in paths if PurePosixPath(p).is_absolute() or ".." in PurePosixPath(p).parts]
         if bad:
-            problems.append(f"{bad[0]}: variant {name} lists a path outside the package; packages must be self-contained")
+            problems.append(
+                f"{bad[0]}: variant {name} lists a path outside the package; packages must be self-contained"
+            )
             continue
         good.append(name)
     return good, problems
@@ -138,7 +156,9 @@ def _tree_problems(root: Path, checked: set[str], named: set[str]) -> list[str]:
             if p.is_symlink() and rel not in checked:
                 target = p.resolve()
                 if target != real_root and real_root not in target.parents:
-                    problems.append(f"{rel}: symlink points outside the package ({target}); packages must be self-contained, copy the file in")
+                    problems.append(
+                        f"{rel}: symlink points outside the package ({target}); packages must be self-contained, copy the file in"
+                    )
                     continue
             if name in filenames and name.endswith(GRAPH_SUFFIXES) and rel not in named:
                 problems.append(f"{rel}: ONNX file not listed in the manifest; remove it or rebuild the package")
@@ -151,16 +171,22 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
     try:
         io = read(root / rel)
     except Exception as e:  # a graph that does not parse is a verification failure, not a crash
-        return [f"{rel}: cannot be read as an ONNX graph ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); rebuild variant {name}"]
+        return [
+            f"{rel}: cannot be read as an ONNX graph ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); rebuild variant {name}"
+        ]
     problems = []
     for kind, have in (("input", io.inputs), ("output", io.outputs)):
         want = {t["name"]: (t["dtype"], t["shape"]) for t in contract[kind + "s"]}
         missing = [n for n in want if n not in have]
         extra = [n for n in have if n not in want]
         if missing:
-            problems.append(f"{rel}: graph lacks {kind}{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} of the manifest's I/O contract")
+            problems.append(
+                f"{rel}: graph lacks {kind}{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} of the manifest's I/O contract"
+            )
         if extra:
-            problems.append(f"{rel}: graph {kind}{'s' if len(extra) > 1 else ''} {', '.join(extra[:4])} not in the manifest's I/O contract")
+            problems.append(
+                f"{rel}: graph {kind}{'s' if len(extra) > 1 else ''} {', '.join(extra[:4])} not in the manifest's I/O contract"
+            )
         for n in want:
             if n in have:
                 why = _mismatch(want[n], have[n])
@@ -168,7 +194,9 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
                     problems.append(f"{rel}: {kind} {n} {why}")
     for t in contract.get("optional_inputs") or []:
         if t["name"] not in io.optional:
-            problems.append(f"{rel}: graph lacks the optional input {t['name']} the manifest lists; rebuild variant {name}")
+            problems.append(
+                f"{rel}: graph lacks the optional input {t['name']} the manifest lists; rebuild variant {name}"
+            )
         else:
             why = _mismatch((t["dtype"], t["shape"]), io.optional[t["name"]])
             if why:
@@ -179,7 +207,9 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
         for loc in io.external:
             p = (base / loc).as_posix()
             if p not in listed:
-                problems.append(f"{rel}: graph needs external data {p}, which variant {name} does not list; rebuild the package")
+                problems.append(
+                    f"{rel}: graph needs external data {p}, which variant {name} does not list; rebuild the package"
+                )
     return problems
 
 
@@ -191,7 +221,7 @@ def _mismatch(want: tuple, have: tuple) -> str | None:
         return None
     if len(ws) != len(hs):
         return f"has rank {len(hs)} {list(hs)}, the manifest says {list(ws)}"
-    for w, h in zip(ws, hs):
+    for w, h in zip(ws, hs, strict=False):
         if isinstance(w, int) and isinstance(h, int) and w != h:
             return f"has shape {list(hs)}, the manifest says {list(ws)}"
         if isinstance(w, str) and isinstance(h, int) and h > 0:
@@ -223,7 +253,10 @@ def _io_via_onnx(path: Path) -> GraphIO:
         dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else None
         if not t.HasField("shape"):
             return dtype, None
-        return dtype, [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+        return dtype, [
+            d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+            for d in t.shape.dim
+        ]
 
     inits = {i.name for i in model.graph.initializer}
     external = set()

@@ -1,4 +1,5 @@
 """Versions of the libraries that produced or run a variant, recorded in the manifest."""
+
 from __future__ import annotations
 
 from importlib import metadata

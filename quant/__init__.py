@@ -2,6 +2,7 @@
 
 Takes and returns graphs plus plain metadata; knows nothing of packages, manifests, exporters or the CLI.
 """
+
 from .errors import QuantError
 
 __all__ = ["QuantError"]

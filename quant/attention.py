@@ -22,6 +22,7 @@ concatenated per step.
 Every layer is matched completely before anything is rewritten; a layer that does not match is left
 as it is and reported.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -205,11 +206,15 @@ def _past_shape_ok(model: onnx.ModelProto, name: str, num_heads: int, head_dim: 
             if len(dims) != 4 or vi.type.tensor_type.elem_type != TensorProto.FLOAT:
                 return False
             n, h = dims[1], dims[3]
-            return (not n.HasField("dim_value") or n.dim_value == num_heads) and (not h.HasField("dim_value") or h.dim_value == head_dim)
+            return (not n.HasField("dim_value") or n.dim_value == num_heads) and (
+                not h.HasField("dim_value") or h.dim_value == head_dim
+            )
     return False
 
 
-def match_layer(index: GraphIndex, model: onnx.ModelProto, softmax: onnx.NodeProto, num_heads: int, head_dim: int) -> tuple[LayerMatch | None, str]:
+def match_layer(
+    index: GraphIndex, model: onnx.ModelProto, softmax: onnx.NodeProto, num_heads: int, head_dim: int
+) -> tuple[LayerMatch | None, str]:
     """Match the attention around one Softmax; returns (match, "") or (None, reason)."""
     if softmax.domain not in ("", "ai.onnx") or attr(softmax, "axis", -1) not in (-1, 3):
         return None, "softmax is not over the last axis"
@@ -278,9 +283,18 @@ def match_layer(index: GraphIndex, model: onnx.ModelProto, softmax: onnx.NodePro
     if not np.isfinite(scale) or scale <= 0:
         return None, "attention scale is not a positive number"
     match = LayerMatch(
-        softmax=softmax, query=query, key=key, value=value,
-        past_key=kcat[1], past_value=vcat[1], present_key=present_key, present_value=present_value,
-        mask_bias=mask_bias, scale=float(scale), out_transpose=out_t, present_concats=[kcat[0], vcat[0]],
+        softmax=softmax,
+        query=query,
+        key=key,
+        value=value,
+        past_key=kcat[1],
+        past_value=vcat[1],
+        present_key=present_key,
+        present_value=present_value,
+        mask_bias=mask_bias,
+        scale=float(scale),
+        out_transpose=out_t,
+        present_concats=[kcat[0], vcat[0]],
     )
     leak = _self_contained(index, match)
     if leak:
@@ -298,7 +312,7 @@ def _data_inputs(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
 
 
 def _self_contained(index: GraphIndex, m: LayerMatch) -> str:
-    """"" when no tensor inside the matched subgraph is used outside it, else the offending tensor.
+    """ "" when no tensor inside the matched subgraph is used outside it, else the offending tensor.
 
     The inside is every node on the data path from the sources (Q/K/V, past, mask bias) to the
     attention output and the present KV; the attention output and the presents may be used anywhere.
@@ -345,7 +359,11 @@ def _safe_mask_bias(graph: onnx.GraphProto, index: GraphIndex, name: str, cache:
     if name in cache:
         return cache[name]
     where = index.producer.get(name)
-    consts = None if where is None or where.op_type != "Where" else (index.value(where.input[1]), index.value(where.input[2]))
+    consts = (
+        None
+        if where is None or where.op_type != "Where"
+        else (index.value(where.input[1]), index.value(where.input[2]))
+    )
     if consts is None or consts[0] is None or consts[1] is None or min(consts[0].min(), consts[1].min()) >= MASK_FILL:
         cache[name] = name
         return name
@@ -388,7 +406,11 @@ def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
         helper.make_node("Gather", [n("mask_shape"), const("idx1", np.int64(1))], [n("total64")], axis=0),
         helper.make_node("Cast", [n("total64")], [n("total")], to=TensorProto.INT32),
         helper.make_node("Sub", [n("total"), const("one", np.int32(1))], [n("last")]),
-        helper.make_node("Slice", [n("mask_shape"), const("s0", np.array([0], np.int64)), const("s1", np.array([1], np.int64))], [n("batch")]),
+        helper.make_node(
+            "Slice",
+            [n("mask_shape"), const("s0", np.array([0], np.int64)), const("s1", np.array([1], np.int64))],
+            [n("batch")],
+        ),
         helper.make_node("Expand", [n("last"), n("batch")], [n("seqlens_k")]),
         helper.make_node("Shape", ["input_ids"], [n("ids_shape")], start=1, end=2),
         helper.make_node("Cast", [n("ids_shape")], [n("seq32")], to=TensorProto.INT32),
@@ -434,7 +456,9 @@ def _past_length_from_mask(graph: onnx.GraphProto, past: set[str], fused: set[st
         return ""
     length = f"{prefix}_past_length"
     new = [
-        helper.make_node("Shape", ["attention_mask"], [f"{prefix}_mask_len"], start=1, end=2, name=f"{prefix}_mask_len"),
+        helper.make_node(
+            "Shape", ["attention_mask"], [f"{prefix}_mask_len"], start=1, end=2, name=f"{prefix}_mask_len"
+        ),
         helper.make_node("Shape", ["input_ids"], [f"{prefix}_step_len"], start=1, end=2, name=f"{prefix}_step_len"),
         helper.make_node("Sub", [f"{prefix}_mask_len", f"{prefix}_step_len"], [length], name=f"{prefix}_past_length"),
     ]
@@ -450,8 +474,17 @@ def _past_length_from_mask(graph: onnx.GraphProto, past: set[str], fused: set[st
     return ""
 
 
-def _make_attention(op: str, qkv: tuple[str, str, str], past: tuple[str, str], bias: str, outputs: list[str], name: str,
-                    num_heads: int, scale: float, lengths: tuple[str, str, str] | None) -> onnx.NodeProto:
+def _make_attention(
+    op: str,
+    qkv: tuple[str, str, str],
+    past: tuple[str, str],
+    bias: str,
+    outputs: list[str],
+    name: str,
+    num_heads: int,
+    scale: float,
+    lengths: tuple[str, str, str] | None,
+) -> onnx.NodeProto:
     """One ``op`` node: each contrib op's input order in one place (GQA also takes ``lengths``)."""
     if op == MHA:
         inputs = [*qkv, "", "", bias, *past]
@@ -471,7 +504,9 @@ def _op_inputs(node: onnx.NodeProto) -> tuple[tuple[str, str, str], tuple[str, s
     return (ins[0], ins[1], ins[2]), (ins[3], ins[4]), ins[10]
 
 
-def _rewire_output(graph: onnx.GraphProto, index: GraphIndex, m: LayerMatch, fused_out: str, num_heads: int, head_dim: int, i: int) -> list[onnx.NodeProto]:
+def _rewire_output(
+    graph: onnx.GraphProto, index: GraphIndex, m: LayerMatch, fused_out: str, num_heads: int, head_dim: int, i: int
+) -> list[onnx.NodeProto]:
     """Feed the fused [batch, seq, hidden] output to whatever read the [batch, seq, heads, head_dim] one."""
     t_out = m.out_transpose.output[0]
     users = index.consumers.get(t_out, [])
@@ -498,7 +533,7 @@ def _share_kv(graph: onnx.GraphProto) -> str:
 
 
 def kv_cache_mode(model: onnx.ModelProto) -> str:
-    """"shared" when every past KV input is read only by GroupQueryAttention (and shape reads of axes
+    """ "shared" when every past KV input is read only by GroupQueryAttention (and shape reads of axes
     other than the length) and every present is a GroupQueryAttention output, else "concat"."""
     graph = model.graph
     past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
@@ -534,6 +569,7 @@ def retarget(model: onnx.ModelProto, op: str) -> tuple[onnx.ModelProto, int]:
     if op not in OPS:
         raise QuantError(f"unknown attention op {op!r}; use one of {', '.join(OPS)}")
     other = GQA if op == MHA else MHA
+
     def swappable(n):
         return n.op_type == other and n.domain == MS_DOMAIN and n.name.startswith("fused_attention_")
 
@@ -546,7 +582,9 @@ def retarget(model: onnx.ModelProto, op: str) -> tuple[onnx.ModelProto, int]:
     todo = [n for n in graph.node if swappable(n)]
     for node in todo:
         qkv, past, bias = _op_inputs(node)
-        new = _make_attention(op, qkv, past, bias, list(node.output), node.name, attr(node, "num_heads"), attr(node, "scale"), lengths)
+        new = _make_attention(
+            op, qkv, past, bias, list(node.output), node.name, attr(node, "num_heads"), attr(node, "scale"), lengths
+        )
         pos = list(graph.node).index(node)
         graph.node.remove(node)
         graph.node.insert(pos, new)
@@ -557,10 +595,14 @@ def retarget(model: onnx.ModelProto, op: str) -> tuple[onnx.ModelProto, int]:
 
 
 def _has_subgraphs(graph: onnx.GraphProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute
+    )
 
 
-def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op: str = MHA) -> tuple[onnx.ModelProto, dict]:
+def fuse_attention(
+    model: onnx.ModelProto, num_heads: int, hidden_size: int, op: str = MHA
+) -> tuple[onnx.ModelProto, dict]:
     """Rewrite every matching layer's attention into one ``op`` node; returns (model, report).
 
     The graph's inputs and outputs are unchanged. ``model`` is not modified; a copy is returned
@@ -569,9 +611,18 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
     if op not in OPS:
         raise QuantError(f"unknown attention op {op!r}; use one of {', '.join(OPS)}")
     if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
-        raise QuantError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; pass the model's n_embd and n_head")
+        raise QuantError(
+            f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; pass the model's n_embd and n_head"
+        )
     head_dim = hidden_size // num_heads
-    report = {"fused": 0, "op": op, "softmax": 0, "unmatched": [], "nodes_before": len(model.graph.node), "kv_cache": "concat"}
+    report = {
+        "fused": 0,
+        "op": op,
+        "softmax": 0,
+        "unmatched": [],
+        "nodes_before": len(model.graph.node),
+        "kv_cache": "concat",
+    }
     if _has_subgraphs(model.graph):
         report["unmatched"].append("graph has control-flow subgraphs")
         report["nodes_after"] = report["nodes_before"]
@@ -616,8 +667,14 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
         return copied[k if k is not None else originals.index(node)]
 
     resolved = [
-        LayerMatch(**{**m.__dict__, "softmax": twin(m.softmax), "out_transpose": twin(m.out_transpose),
-                      "present_concats": [twin(c) for c in m.present_concats]})
+        LayerMatch(
+            **{
+                **m.__dict__,
+                "softmax": twin(m.softmax),
+                "out_transpose": twin(m.out_transpose),
+                "present_concats": [twin(c) for c in m.present_concats],
+            }
+        )
         for m in matches
     ]
     index = GraphIndex(graph)
@@ -627,8 +684,15 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
         bias = _safe_mask_bias(graph, index, m.mask_bias, bias_cache)
         fused_out = f"fused_attention_{i}_output"
         node = _make_attention(
-            op, (m.query, m.key, m.value), (m.past_key, m.past_value), bias, [fused_out, m.present_key, m.present_value],
-            f"fused_attention_{i}", num_heads, m.scale, lengths,
+            op,
+            (m.query, m.key, m.value),
+            (m.past_key, m.past_value),
+            bias,
+            [fused_out, m.present_key, m.present_value],
+            f"fused_attention_{i}",
+            num_heads,
+            m.scale,
+            lengths,
         )
         extra = _rewire_output(graph, index, m, fused_out, num_heads, head_dim, i)
         pos = list(graph.node).index(m.out_transpose)
@@ -641,7 +705,9 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, hidden_size: int, op:
     remove_dead_nodes(graph)
     if op == GQA:
         unfused = len(softmaxes) - len(matches)
-        report["kv_cache_reason"] = f"{unfused} of {len(softmaxes)} attention layers are not fused" if unfused else _share_kv(graph)
+        report["kv_cache_reason"] = (
+            f"{unfused} of {len(softmaxes)} attention layers are not fused" if unfused else _share_kv(graph)
+        )
     report["kv_cache"] = kv_cache_mode(out)
     live = {x for n in graph.node for x in (*n.input, *n.output)}
     vis = [vi for vi in graph.value_info if vi.name in live]

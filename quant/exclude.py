@@ -4,6 +4,7 @@ Node names change during optimization, so an entry may name a node, a weight ini
 ``model.transformer.h.0.mlp.c_fc.weight``), a prefix of weight names ending in ``.``
 (``model.transformer.h.0.``), or ``lm_head`` for the output projection.
 """
+
 from __future__ import annotations
 
 from .errors import QuantError

@@ -1,4 +1,5 @@
 """Small graph helpers shared by the passes: loading, initializer lookup, decoder contract, saving."""
+
 from __future__ import annotations
 
 import os
@@ -100,8 +101,10 @@ def check_decoder(model, n_layer: int | None = None) -> int:
 
 def proto_size(model) -> int:
     """Bytes of all initializer data (inline or external) plus the rest of the graph, roughly."""
-    return sum(tensor_bytes(t) for t in model.graph.initializer) + model.graph.ByteSize() - sum(
-        len(t.raw_data) for t in model.graph.initializer
+    return (
+        sum(tensor_bytes(t) for t in model.graph.initializer)
+        + model.graph.ByteSize()
+        - sum(len(t.raw_data) for t in model.graph.initializer)
     )
 
 
@@ -132,7 +135,14 @@ def save(model, path: str | os.PathLike, external: bool | None = None) -> list[P
         data = path.with_name(path.name + ".data")
         if data.exists():
             data.unlink()
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
         written = [path, data]
     else:
         onnx.save_model(model, str(path))

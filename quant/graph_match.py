@@ -4,6 +4,7 @@
 its value" without copying weights. Matchers walk the graph through it and return ``None`` on any
 mismatch, so a rewrite is only planned once a whole pattern is known to be present.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -41,7 +42,9 @@ class GraphIndex:
         v = self.value(name)
         return None if v is None else v.ndim
 
-    def parent(self, node: onnx.NodeProto, index: int, op_type: str | tuple[str, ...] | None = None) -> onnx.NodeProto | None:
+    def parent(
+        self, node: onnx.NodeProto, index: int, op_type: str | tuple[str, ...] | None = None
+    ) -> onnx.NodeProto | None:
         """The node producing ``node.input[index]`` (optionally required to be of ``op_type``)."""
         if index >= len(node.input) or not node.input[index]:
             return None
@@ -105,7 +108,7 @@ def remove_dead_nodes(graph: onnx.GraphProto) -> int:
         if any(o in needed for o in node.output if o):
             keep[i] = True
             needed.update(x for x in node.input if x)
-    kept = [n for n, k in zip(graph.node, keep) if k]
+    kept = [n for n, k in zip(graph.node, keep, strict=False) if k]
     removed = len(graph.node) - len(kept)
     if removed:
         del graph.node[:]

@@ -13,6 +13,7 @@ tied embedding shares its table); ``head_bits=4`` makes everything 4-bit (smalle
 ``accuracy_level`` picks the CPU compute type: 0/1 unpack to fp32 (exact, slower), 4 quantizes the
 activations to int8 per block and uses integer dot products (fastest on x86 with VNNI and on ARM).
 """
+
 from __future__ import annotations
 
 from .errors import QuantError
@@ -37,7 +38,9 @@ EMBEDDINGS = ("tied", "int8", "int4", "fp32")
 
 def check_block_size(block_size: int) -> None:
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise QuantError(f"block size {block_size} is not a power of two >= 16; pass --block-size 16, 32, 64, 128 or 256")
+        raise QuantError(
+            f"block size {block_size} is not a power of two >= 16; pass --block-size 16, 32, 64, 128 or 256"
+        )
 
 
 def quantize_int4(
@@ -65,15 +68,21 @@ def quantize_int4(
     head_symmetric = (True if eight else symmetric) if head_symmetric is None else head_symmetric
     check_block_size(head_block_size)
     if bits not in (4, 8) or head_bits not in (4, 8):
-        raise QuantError(f"MatMulNBits supports 4 or 8 bits, not {bits if bits not in (4, 8) else head_bits}; pass 4 or 8")
+        raise QuantError(
+            f"MatMulNBits supports 4 or 8 bits, not {bits if bits not in (4, 8) else head_bits}; pass 4 or 8"
+        )
     if accuracy_level not in (0, 1, 2, 3, 4):
-        raise QuantError(f"accuracy_level {accuracy_level} is not one of 0-4; pass 0 (fp32 compute) or 4 (int8 compute)")
+        raise QuantError(
+            f"accuracy_level {accuracy_level} is not one of 0-4; pass 0 (fp32 compute) or 4 (int8 compute)"
+        )
     if embedding not in EMBEDDINGS:
         raise QuantError(f"embedding '{embedding}' is not one of {', '.join(EMBEDDINGS)}")
     model, untie = untie_lm_head(model)
     if default_head_block and eight:  # no padding past K on narrow models
         k = _head_k(model)
-        head_block_size = max(min(head_block_size, pow2_block(k, head_block_size)), block_size) if k else head_block_size
+        head_block_size = (
+            max(min(head_block_size, pow2_block(k, head_block_size)), block_size) if k else head_block_size
+        )
     skipped = resolve_exclude(model, exclude)
     emb_info: dict = {}
     if embedding == "int8":
@@ -83,7 +92,9 @@ def quantize_int4(
     head = [h for h in head if h not in skipped]
     qmodel = _matmul_nbits(model, bits, block_size, symmetric, accuracy_level, op_types, exclude=skipped + head)
     if head:
-        qmodel = _matmul_nbits(qmodel, head_bits, head_block_size, head_symmetric, accuracy_level, ("MatMul",), include=head)
+        qmodel = _matmul_nbits(
+            qmodel, head_bits, head_block_size, head_symmetric, accuracy_level, ("MatMul",), include=head
+        )
     if embedding == "tied":
         qmodel, emb_info = share_tied_nbits(qmodel)
         emb_info = {"tied_embedding": emb_info}
@@ -152,5 +163,7 @@ def _matmul_nbits(model, bits, block_size, symmetric, accuracy_level, op_types, 
         raise
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise QuantError(f"INT{bits} quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version") from None
+        raise QuantError(
+            f"INT{bits} quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version"
+        ) from None
     return quantizer.model.model

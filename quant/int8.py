@@ -8,6 +8,7 @@ Reduce-range: u8 x s8 products use 16-bit accumulation pairs on x86 CPUs without
 AVX-512 without VNNI), which can saturate; ``reduce_range=True`` quantizes weights to 7 bits to avoid
 that at some accuracy cost. CPUs with AVX-VNNI / AVX512-VNNI, and ARM, don't need it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,14 +37,17 @@ def cpu_has_vnni() -> bool | None:
 @contextlib.contextmanager
 def quiet_ort_logging():
     """ORT's quantizers log through the root logger and their own; the caller owns the output."""
-    loggers = [logging.getLogger(n) for n in ("", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=False):
             lg.setLevel(level)
 
 
@@ -93,7 +97,9 @@ def quantize_int8(
             raise
         except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise QuantError(f"INT8 quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version") from None
+            raise QuantError(
+                f"INT8 quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version"
+            ) from None
         qmodel = onnx.load(str(out), load_external_data=True)
     desc = describe(qmodel)
     info = {

@@ -5,6 +5,7 @@ through a Transpose, so quantizers that look for a constant B skip it and the la
 model stays float. ``untie_lm_head`` materializes ``wte.T`` as its own initializer feeding the MatMul;
 the embedding Gather keeps reading the original ``wte`` (the quantizers decide what to do with it).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +37,9 @@ def untie_lm_head(model) -> tuple:
             model.graph.initializer.append(t)
             inits[name] = t
         node.input[1] = name
-        if all(u is node for u in uses.get(tr.output[0], [])) and tr.output[0] not in {o.name for o in model.graph.output}:
+        if all(u is node for u in uses.get(tr.output[0], [])) and tr.output[0] not in {
+            o.name for o in model.graph.output
+        }:
             drop_nodes.add(id(tr))
         untied.append({"node": node.name, "weight": w.name, "shape": [int(w.dims[1]), int(w.dims[0])]})
     if drop_nodes:

@@ -11,6 +11,7 @@ such ``Gather`` gets its own initializer, an alias whose external data points at
 same file: the prepacked weight is released, the alias stays mapped and only the looked-up rows are
 ever read. The file holds the bytes once.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,13 @@ def alias_gathered_weights(model) -> list[dict]:
     pairs = []
     for name, t in inits.items():
         users = uses.get(name, [])
-        prepacked = [n for n in users if PREPACKED_WEIGHT_INPUT.get(n.op_type) is not None
-                     and len(n.input) > PREPACKED_WEIGHT_INPUT[n.op_type] and n.input[PREPACKED_WEIGHT_INPUT[n.op_type]] == name]
+        prepacked = [
+            n
+            for n in users
+            if PREPACKED_WEIGHT_INPUT.get(n.op_type) is not None
+            and len(n.input) > PREPACKED_WEIGHT_INPUT[n.op_type]
+            and n.input[PREPACKED_WEIGHT_INPUT[n.op_type]] == name
+        ]
         gathers = [n for n in users if n.op_type == "Gather" and n.input[0] == name]
         if not prepacked or not gathers or len(prepacked) + len(gathers) != len(users):
             continue

@@ -4,12 +4,13 @@
 ``step(model, num_heads, hidden_size) -> (model, info)``; a further fusion (attention) is one more entry
 in ``STEPS`` after ``ort_fusions``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -49,7 +50,12 @@ def gemm_to_matmul(model, num_heads: int = 0, hidden_size: int = 0, only_biasles
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         biasless = len(node.input) < 3 or node.input[2] == ""
-        if node.op_type != "Gemm" or attrs.get("transA", 0) or node.input[1] not in inits or (only_biasless and not biasless):
+        if (
+            node.op_type != "Gemm"
+            or attrs.get("transA", 0)
+            or node.input[1] not in inits
+            or (only_biasless and not biasless)
+        ):
             new_nodes.append(node)
             continue
         wname = node.input[1]
@@ -65,17 +71,25 @@ def gemm_to_matmul(model, num_heads: int = 0, hidden_size: int = 0, only_biasles
         has_bias = len(node.input) > 2 and node.input[2] != ""
         out = node.output[0]
         mm_out = f"{node.name or out}_matmul_out" if has_bias else out
-        new_nodes.append(onnx.helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=f"{node.name}_MatMul" if node.name else ""))
+        new_nodes.append(
+            onnx.helper.make_node(
+                "MatMul", [node.input[0], wname], [mm_out], name=f"{node.name}_MatMul" if node.name else ""
+            )
+        )
         if has_bias:
             bias = node.input[2]
             beta = float(attrs.get("beta", 1.0))
             if beta != 1.0:
                 if bias not in inits:
-                    raise QuantError(f"Gemm {node.name} has a non-constant bias scaled by beta={beta}; re-export the model")
+                    raise QuantError(
+                        f"Gemm {node.name} has a non-constant bias scaled by beta={beta}; re-export the model"
+                    )
                 b = numpy_helper.to_array(inits[bias]) * np.float32(beta)
                 bias = f"{bias}_beta"
                 model.graph.initializer.append(numpy_helper.from_array(b.astype(np.float32), bias))
-            new_nodes.append(onnx.helper.make_node("Add", [mm_out, bias], [out], name=f"{node.name}_Add" if node.name else ""))
+            new_nodes.append(
+                onnx.helper.make_node("Add", [mm_out, bias], [out], name=f"{node.name}_Add" if node.name else "")
+            )
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
@@ -100,11 +114,19 @@ def ort_fusions(model, num_heads: int, hidden_size: int):
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             opt = optimize_model(
-                model, model_type="gpt2", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options, opt_level=0, use_gpu=False
+                model,
+                model_type="gpt2",
+                num_heads=num_heads,
+                hidden_size=hidden_size,
+                optimization_options=options,
+                opt_level=0,
+                use_gpu=False,
             )
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise QuantError(f"onnxruntime's transformer optimizer failed ({type(e).__name__}: {reason}); check the onnxruntime version") from None
+        raise QuantError(
+            f"onnxruntime's transformer optimizer failed ({type(e).__name__}: {reason}); check the onnxruntime version"
+        ) from None
     finally:
         logger.setLevel(level)
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
@@ -153,13 +175,19 @@ def optimize(
     (GroupQueryAttention or MultiHeadAttention).
     """
     if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
-        raise QuantError(f"hidden size {hidden_size} is not a multiple of {num_heads} heads; pass the model's n_head and n_embd")
+        raise QuantError(
+            f"hidden size {hidden_size} is not a multiple of {num_heads} heads; pass the model's n_head and n_embd"
+        )
     model = load(model)
     before = op_counts(model)
     report: dict = {"steps": {}}
     for name, step in [s for s in (STEPS if steps is None else steps) if fuse_attention or s[0] != "attention"]:
         progress(f"optimize: {name}")
-        model, info = step(model, num_heads, hidden_size, op=attention_op) if name == "attention" else step(model, num_heads, hidden_size)
+        model, info = (
+            step(model, num_heads, hidden_size, op=attention_op)
+            if name == "attention"
+            else step(model, num_heads, hidden_size)
+        )
         report["steps"][name] = info
     after = op_counts(model)
     report["ops_before"] = before

@@ -1,4 +1,5 @@
 """What a graph holds: op counts, weight bytes by precision, quantized vs float weight MatMuls."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -6,7 +7,14 @@ from collections import Counter
 from .graph import initializers, producers, tensor_bytes
 
 #: Ops that multiply by a quantized weight.
-QUANTIZED_MATMUL_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul", "MatMulNBits", "QGemm")
+QUANTIZED_MATMUL_OPS = (
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "MatMulNBits",
+    "QGemm",
+)
 FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul")
 #: Element types that count as float weights.
 _FLOAT_TYPES = ("float", "float16", "bfloat16", "double")
@@ -57,7 +65,12 @@ def weight_bytes(model) -> dict:
         by_type[onnx.TensorProto.DataType.Name(t.data_type).lower()] += tensor_bytes(t)
     total = sum(by_type.values())
     floating = sum(v for k, v in by_type.items() if k in _FLOAT_TYPES)
-    return {"by_type": dict(by_type), "total": total, "float": floating, "float_fraction": (floating / total) if total else 0.0}
+    return {
+        "by_type": dict(by_type),
+        "total": total,
+        "float": floating,
+        "float_fraction": (floating / total) if total else 0.0,
+    }
 
 
 def matmul_weight_bytes(model) -> dict:

@@ -15,6 +15,7 @@ when the graph is saved with ``quant.mapped.save_mapped`` the embedding lookup r
 memory-mapped alias of the same bytes, touching only the rows of the tokens it sees. The file carries
 the matrix once (1 byte a weight) and the process holds one full copy (the prepacked one).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -93,7 +94,11 @@ def share_tied_int8(model, block_size: int = INT8_BLOCK_SIZE) -> tuple:
     if head is None:
         return model, {"shared": False, "reason": "no MatMul over a transposed embedding"}
     wname = tr.input[0]
-    gathers = [n for n in uses.get(wname, []) if n.op_type == "Gather" and all(a.i == 0 for a in n.attribute if a.name == "axis")]
+    gathers = [
+        n
+        for n in uses.get(wname, [])
+        if n.op_type == "Gather" and all(a.i == 0 for a in n.attribute if a.name == "axis")
+    ]
     others = [n for n in uses.get(wname, []) if n is not tr and n not in gathers]
     if len(gathers) != 1 or others or _ids_rank(model, gathers[0].input[1]) is None:
         return model, {"shared": False, "reason": "the embedding is not a plain Gather on the lm_head weight"}
@@ -108,8 +113,16 @@ def share_tied_int8(model, block_size: int = INT8_BLOCK_SIZE) -> tuple:
     b, scale = quantize_blocks_int8(w, bs)
     bname, sname = f"{wname}_q8", f"{wname}_q8_scale"
     mm = helper.make_node(
-        "MatMulNBits", [head.input[0], bname, sname], ["logits"], name=f"{head.name or 'lm_head'}_tied_q8",
-        domain="com.microsoft", K=int(hidden), N=int(vocab), bits=8, block_size=int(bs), accuracy_level=4,
+        "MatMulNBits",
+        [head.input[0], bname, sname],
+        ["logits"],
+        name=f"{head.name or 'lm_head'}_tied_q8",
+        domain="com.microsoft",
+        K=int(hidden),
+        N=int(vocab),
+        bits=8,
+        block_size=int(bs),
+        accuracy_level=4,
     )
     nodes = []
     for n in model.graph.node:
@@ -123,10 +136,18 @@ def share_tied_int8(model, block_size: int = INT8_BLOCK_SIZE) -> tuple:
     ensure_opset(model, "com.microsoft", 1)
     model, emb = share_tied_nbits(model)  # the Gather now reads B's rows; the float table is dropped
     if not emb.get("shared"):
-        raise QuantError(f"the tied embedding could not read the int8 lm_head table ({emb.get('reason')}); pass --exclude lm_head")
+        raise QuantError(
+            f"the tied embedding could not read the int8 lm_head table ({emb.get('reason')}); pass --exclude lm_head"
+        )
     return model, {
-        "shared": True, "weight": wname, "shape": [int(vocab), int(hidden)], "op": "MatMulNBits", "bits": 8,
-        "block_size": int(bs), "granularity": f"per-block ({bs})", "max_abs_error": emb["max_abs_error"],
+        "shared": True,
+        "weight": wname,
+        "shape": [int(vocab), int(hidden)],
+        "op": "MatMulNBits",
+        "bits": 8,
+        "block_size": int(bs),
+        "granularity": f"per-block ({bs})",
+        "max_abs_error": emb["max_abs_error"],
     }
 
 
@@ -145,7 +166,11 @@ def int8_embedding(model, min_rows: int = 1024) -> tuple:
     replace: dict[int, list] = {}
     new_inits, dropped, done = [], set(), []
     for node in model.graph.node:
-        if node.op_type != "Gather" or node.input[0] not in inits or any(a.i != 0 for a in node.attribute if a.name == "axis"):
+        if (
+            node.op_type != "Gather"
+            or node.input[0] not in inits
+            or any(a.i != 0 for a in node.attribute if a.name == "axis")
+        ):
             continue
         t = inits[node.input[0]]
         if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2 or t.dims[0] < min_rows:
@@ -155,7 +180,11 @@ def int8_embedding(model, min_rows: int = 1024) -> tuple:
         q, scale = quantize_row_int8(numpy_helper.to_array(t).astype(np.float32))
         p = f"{node.name or t.name}_int8"
         qname, sname, axes = f"{t.name}_int8", f"{t.name}_row_scale", f"{p}_axes"
-        new_inits += [numpy_helper.from_array(q, qname), numpy_helper.from_array(scale, sname), numpy_helper.from_array(np.array([-1], np.int64), axes)]
+        new_inits += [
+            numpy_helper.from_array(q, qname),
+            numpy_helper.from_array(scale, sname),
+            numpy_helper.from_array(np.array([-1], np.int64), axes),
+        ]
         replace[id(node)] = [
             helper.make_node("Gather", [qname, node.input[1]], [f"{p}_q"], name=f"{p}_gather", axis=0),
             helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=onnx.TensorProto.FLOAT),

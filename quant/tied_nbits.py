@@ -6,6 +6,7 @@ embedding row ``v``, so ``Gather(wte, ids)`` becomes a lookup into B with the sa
 plain ONNX ops (Gather, BitwiseAnd/BitShift to unpack nibbles, Cast, Sub, Mul, Reshape). The fp32
 table is dropped: one quantized copy in the file, read by both ops.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,10 +59,18 @@ def share_tied_nbits(model) -> tuple:
     nb = b.shape[1]
     gathers = []
     for node in model.graph.node:
-        if node.op_type != "Gather" or node.input[0] not in inits or any(x.i != 0 for x in node.attribute if x.name == "axis"):
+        if (
+            node.op_type != "Gather"
+            or node.input[0] not in inits
+            or any(x.i != 0 for x in node.attribute if x.name == "axis")
+        ):
             continue
         t = inits[node.input[0]]
-        if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [n, k] and all(u is node for u in uses.get(t.name, [])):
+        if (
+            t.data_type == onnx.TensorProto.FLOAT
+            and list(t.dims) == [n, k]
+            and all(u is node for u in uses.get(t.name, []))
+        ):
             gathers.append(node)
     if len(gathers) != 1:
         return model, {"shared": False, "reason": "no single float embedding Gather of the lm_head's shape"}
@@ -73,7 +82,7 @@ def share_tied_nbits(model) -> tuple:
     deq = dequantize_rows(b, scales, zp, bits, k)
     step = np.abs(scales).max()
     err = float(np.abs(deq - w).max())
-    if err > step * (2 ** bits) / 2:  # not the same matrix (an untied head)
+    if err > step * (2**bits) / 2:  # not the same matrix (an untied head)
         return model, {"shared": False, "reason": "the lm_head is not tied to the embedding"}
 
     p = f"{gather.name or 'embedding'}_tied{bits}"
@@ -112,7 +121,9 @@ def share_tied_nbits(model) -> tuple:
             nodes += unpack(f"{p}_z", f"{p}_zb")
             nodes += [
                 helper.make_node("Reshape", [f"{p}_zb_pairs", f"{p}_shape_out"], [f"{p}_zall"], name=f"{p}_zall"),
-                helper.make_node("Slice", [f"{p}_zall", f"{p}_zero", f"{p}_nb", f"{p}_last"], [f"{p}_zq"], name=f"{p}_zq"),
+                helper.make_node(
+                    "Slice", [f"{p}_zall", f"{p}_zero", f"{p}_nb", f"{p}_last"], [f"{p}_zq"], name=f"{p}_zq"
+                ),
             ]
         else:
             nodes.append(helper.make_node("Identity", [f"{p}_z"], [f"{p}_zq"], name=f"{p}_zq"))
@@ -152,5 +163,7 @@ def share_tied_nbits(model) -> tuple:
     kept = [t for t in model.graph.initializer if t.name != dropped]
     del model.graph.initializer[:]
     used = {i for node in nodes for i in node.input}
-    model.graph.initializer.extend(kept + [numpy_helper.from_array(v, name) for name, v in consts.items() if name in used])
+    model.graph.initializer.extend(
+        kept + [numpy_helper.from_array(v, name) for name, v in consts.items() if name in used]
+    )
     return model, {"shared": True, "weight": dropped, "bits": int(bits), "block_size": int(bs), "max_abs_error": err}

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny seeded GPT-2 checkpoints (never downloaded) and packages exported from them."""
+
 from __future__ import annotations
 
 import shutil
@@ -75,7 +76,13 @@ def built_package(tmp_path_factory, tiny_checkpoint) -> Path:
     from gpt2deploy.building import build_package
 
     out = tmp_path_factory.mktemp("built") / "pkg"
-    build_package(str(tiny_checkpoint), out, variants=("fp32", "int8", "int4"), max_tokens=BUILD_TOKENS, thresholds=RANDOM_MODEL_GATES)
+    build_package(
+        str(tiny_checkpoint),
+        out,
+        variants=("fp32", "int8", "int4"),
+        max_tokens=BUILD_TOKENS,
+        thresholds=RANDOM_MODEL_GATES,
+    )
     return out
 
 
@@ -101,4 +108,6 @@ def cli():
     return invoke
 
 
-requires_gpt2_ref = pytest.mark.skipif(not GPT2_REF.is_dir(), reason=f"{GPT2_REF} is not present (it is in CI and beside the project root)")
+requires_gpt2_ref = pytest.mark.skipif(
+    not GPT2_REF.is_dir(), reason=f"{GPT2_REF} is not present (it is in CI and beside the project root)"
+)

@@ -1,5 +1,6 @@
 """Attention fusion: every layer becomes one contrib attention op, the I/O contract is unchanged and the
 logits match the unfused graph (prompt, decode with past, multi-token steps with past, left-padded batch)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -8,8 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import EVAL_TEXT, GPT2_REF, TOKENIZER_DIR, requires_gpt2_ref
+
 from quant import QuantError
 from quant.attention import GQA, MHA, fuse_attention
 
@@ -59,7 +60,7 @@ class Graphs:
     def step(self, sess, ids, mask, past):
         pos = np.cumsum(mask, axis=1) - 1
         pos[mask == 0] = 0
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos[:, -ids.shape[1]:].astype(np.int64)}
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos[:, -ids.shape[1] :].astype(np.int64)}
         for i in range(self.n_layer):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
         out = sess.run(None, feed)
@@ -110,9 +111,11 @@ def _compare_run(g: Graphs, stage: str, op: str, ids: np.ndarray, mask: np.ndarr
     la, pa = g.step(ref, ids, mask, g.empty_past(batch))
     lb, pb = g.step(fus, ids, mask, g.empty_past(batch))
     assert np.abs(_real_rows(la, mask) - _real_rows(lb, mask)).max() <= TOL
-    for x, y in zip(pa, pb):  # present KV at real positions
+    for x, y in zip(pa, pb, strict=False):  # present KV at real positions
         assert x.shape == y.shape
-        assert np.abs(_real_rows(x.transpose(0, 2, 1, 3), mask) - _real_rows(y.transpose(0, 2, 1, 3), mask)).max() <= TOL
+        assert (
+            np.abs(_real_rows(x.transpose(0, 2, 1, 3), mask) - _real_rows(y.transpose(0, 2, 1, 3), mask)).max() <= TOL
+        )
     for n_new in [1] * steps + [chunk]:
         new = rng.integers(0, 1000, (batch, n_new)).astype(np.int64)
         mask = np.concatenate([mask, np.ones((batch, n_new), np.int64)], axis=1)
@@ -224,7 +227,7 @@ def _shared_run(g: Graphs, model, ids, mask, steps: int, capacity: int):
         pos[mask == 0] = 0
         io.bind_cpu_input("input_ids", np.ascontiguousarray(new))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos[:, -new.shape[1]:]))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos[:, -new.shape[1] :]))
         io.bind_output("logits")
         sess.run_with_iobinding(io)
         logits = io.get_outputs()[-1].numpy()[:, -1]
@@ -265,7 +268,7 @@ def test_shared_kv_buffer_equals_concat(graphs_a, graphs_b, which):
     assert np.abs(ref - got).max() <= TOL
     length = ref_cache[0].shape[2]
     valid = np.concatenate([mask, np.ones((3, length - mask.shape[1]), np.int64)], axis=1).astype(bool)
-    for x, y in zip(ref_cache, bufs):
+    for x, y in zip(ref_cache, bufs, strict=False):
         y = y[:, :, :length]
         assert np.abs(x.transpose(0, 2, 1, 3)[valid] - y.transpose(0, 2, 1, 3)[valid]).max() <= TOL
         assert not np.isnan(y.transpose(0, 2, 1, 3)[valid]).any()
@@ -383,7 +386,7 @@ def test_unmatched_layer_left_whole(graphs_a):
 
 
 def _feed(g: Graphs, ids, mask):
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": (np.cumsum(mask, 1) - 1)[:, -ids.shape[1]:]}
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": (np.cumsum(mask, 1) - 1)[:, -ids.shape[1] :]}
     for i, p in enumerate(g.empty_past(ids.shape[0])):
         feed[f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}"] = p
     return feed
@@ -430,7 +433,7 @@ def test_gpt2_ref_real_text(tmp_path):
     ids = np.zeros((2, 48), np.int64)
     mask = np.zeros((2, 48), np.int64)
     ids[0], mask[0] = a, 1
-    ids[1, 48 - len(b):], mask[1, 48 - len(b):] = b, 1
+    ids[1, 48 - len(b) :], mask[1, 48 - len(b) :] = b, 1
     _compare_run(g, "optimized", MHA, ids, mask, steps=4, chunk=4)
     ref = _greedy(g, g.session("optimized", None), ids, mask, 16)
     assert np.array_equal(ref, _greedy(g, g.session("optimized", MHA), ids, mask, 16))

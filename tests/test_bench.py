@@ -1,4 +1,5 @@
 """`gpt2deploy bench`: measured fields, long-context curve, plot, and every bad input (no timing assertions)."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,18 @@ def bench_run(tiny_package, tmp_path_factory):
     from gpt2deploy.cli import app
 
     out = tmp_path_factory.mktemp("bench")
-    args = ["bench", str(tiny_package), "--variant", "fp32", *TINY, *CURVE,
-            "--json", str(out / "r.json"), "--plot", str(out / "curve.png")]
+    args = [
+        "bench",
+        str(tiny_package),
+        "--variant",
+        "fp32",
+        *TINY,
+        *CURVE,
+        "--json",
+        str(out / "r.json"),
+        "--plot",
+        str(out / "curve.png"),
+    ]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result, json.loads((out / "r.json").read_text()), out / "curve.png"
@@ -81,7 +92,7 @@ def test_json_to_stdout_batch_and_default_variant(tiny_package, cli):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["config"]["batch"] == 2
-    (name, v), = report["variants"].items()
+    ((name, v),) = report["variants"].items()
     assert name == "fp32" and "long_context" not in v
     assert v["e2e_tok_s"]["median"] > 0
 
@@ -99,6 +110,7 @@ def test_all_variants(package_copy, cli):
 
 
 # -- library pieces --------------------------------------------------------------------------------
+
 
 def test_summarize_median_and_spread():
     s = summarize([3.0, 1.0, 2.0, 10.0])
@@ -155,6 +167,7 @@ def test_config_validation_messages():
 
 # -- bad input: one line, exit 2, no traceback, nothing written --------------------------------------
 
+
 def _assert_clean_failure(r, *needles: str, out: Path | None = None):
     assert r.exit_code == 2, r.output
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -195,7 +208,11 @@ def test_bad_cuda_without_provider(tiny_package, cli):
 
     if cuda_available():
         pytest.skip("this onnxruntime has the CUDA provider; the error case needs it absent")
-    _assert_clean_failure(cli("bench", tiny_package, "--device", "cuda", "--new-tokens", "4"), "CUDA execution provider", "onnxruntime-gpu")
+    _assert_clean_failure(
+        cli("bench", tiny_package, "--device", "cuda", "--new-tokens", "4"),
+        "CUDA execution provider",
+        "onnxruntime-gpu",
+    )
 
 
 def test_bad_package_missing(tmp_path, cli):

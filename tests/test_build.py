@@ -1,12 +1,13 @@
 """build: export -> quantize -> check -> package in one rename; gates drop variants; deterministic; bad input."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import BUILD_TOKENS, RANDOM_MODEL_GATES
+
 from gpt2deploy import building
 from gpt2deploy.manifest import VARIANT_FILES, load_manifest
 from gpt2deploy.package import Package
@@ -56,11 +57,19 @@ def test_built_package_end_to_end(built_package):
         assert acc["passed"] is True and acc["reference"] == {"kind": "variant", "variant": "fp32"}
         assert acc["metrics"]["tokens"] == BUILD_TOKENS and set(acc["thresholds"]) >= {"ppl_delta", "top1", "kl_mean"}
         assert m["variants"][name]["size"] < m["variants"]["fp32"]["size"]
-    assert m["build"] == {"variants": list(ALL), "reference": "fp32", "reference_in_package": True, "allow_regression": False, "rejected": {}}
+    assert m["build"] == {
+        "variants": list(ALL),
+        "reference": "fp32",
+        "reference_in_package": True,
+        "allow_regression": False,
+        "rejected": {},
+    }
     assert Package.open(built_package).integrity_problems() == []
     assert verify_package(built_package).ok
     onnx_files = sorted(p.name for p in (built_package / "onnx").iterdir())
-    assert onnx_files == sorted(Path(f["path"]).name for n in ALL for f in m["variants"][n]["files"])  # graphs + weight data
+    assert onnx_files == sorted(
+        Path(f["path"]).name for n in ALL for f in m["variants"][n]["files"]
+    )  # graphs + weight data
     assert [p.name for p in built_package.parent.iterdir()] == ["pkg"]  # no staging leftovers
 
 
@@ -108,13 +117,29 @@ def test_allow_regression_keeps_and_records_the_failure(tmp_path, fast_export, c
     from gpt2deploy.runtime.select import select_variant
 
     out = tmp_path / "pkg"
-    r = cli("build", "ckpt", "-o", out, "--variants", "fp32,int8", "--threshold", "top1=1.01", "--max-tokens", 256, "--allow-regression")
+    r = cli(
+        "build",
+        "ckpt",
+        "-o",
+        out,
+        "--variants",
+        "fp32,int8",
+        "--threshold",
+        "top1=1.01",
+        "--max-tokens",
+        256,
+        "--allow-regression",
+    )
     assert r.exit_code == 0, r.output
     assert "warning: kept variants that failed their accuracy gate" in r.stderr
     assert "FAIL (kept: --allow-regression)" in r.stdout
     m = load_manifest(out)
     int8 = m["variants"]["int8"]
-    assert int8["accuracy"]["passed"] is False and int8["allowed_regression"] is True and int8["accuracy"]["thresholds"]["top1"] == 1.01
+    assert (
+        int8["accuracy"]["passed"] is False
+        and int8["allowed_regression"] is True
+        and int8["accuracy"]["thresholds"]["top1"] == 1.01
+    )
     assert m["build"]["allow_regression"] is True and "int8" in m["build"]["rejected"]
     assert select_variant(m, "cpu")[0] == "fp32"  # auto-selection skips the failed variant
     assert verify_package(out).ok
@@ -139,6 +164,7 @@ def test_nothing_passes_writes_nothing(tmp_path, fast_export, cli):
 
 
 # -- interruption: no half package, no temp dirs ---------------------------------------------------
+
 
 def test_interrupted_build_leaves_nothing(tmp_path, fast_export, monkeypatch, cli):
     def interrupt(path, mode, progress):
@@ -168,6 +194,7 @@ def test_failure_mid_build_keeps_the_old_package(tmp_path, fast_export, monkeypa
 
 
 # -- bad input: refused before any work, one line, exit 2 ------------------------------------------
+
 
 @pytest.mark.parametrize(
     "args, needle",
@@ -227,4 +254,3 @@ def test_parse_variants():
     assert building.parse_variants(None) == ("fp32", "int8", "int4")
     assert building.parse_variants("int4, fp32,int4") == ("fp32", "int4")
     assert building.parse_variants(["fp16", "int8"]) == ("int8", "fp16")
-

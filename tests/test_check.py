@@ -1,5 +1,6 @@
 """`gpt2deploy check`: gates pass for fp32 against itself, fail (exit 1) for a damaged variant, baselines,
 the PyTorch reference, recording in the manifest, and every kind of bad input (exit 2, nothing written)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import GPT2_REF, requires_gpt2_ref
+
 from gpt2deploy.accuracy.gates import DEFAULTS
 from gpt2deploy.checking import check_package, model_identity
 from gpt2deploy.package import Package
@@ -17,8 +18,24 @@ from gpt2deploy.package import Package
 FAST = ("--max-tokens", "256")  # two windows of 128 on the tiny models
 ACCURACY_KEYS = {"passed", "metrics", "thresholds", "reference", "text"}
 #: loosen the gates a deliberately damaged variant crosses, so the baseline guard alone decides
-LOOSE = ("-t", "top1=0", "-t", "top5=0", "-t", "greedy=0", "-t", "kl_mean=1", "-t", "kl_p99=1", "-t", "ppl_delta=1",
-         "-t", "logit_max=100", "-t", "logit_p99=100")
+LOOSE = (
+    "-t",
+    "top1=0",
+    "-t",
+    "top5=0",
+    "-t",
+    "greedy=0",
+    "-t",
+    "kl_mean=1",
+    "-t",
+    "kl_p99=1",
+    "-t",
+    "ppl_delta=1",
+    "-t",
+    "logit_max=100",
+    "-t",
+    "logit_p99=100",
+)
 
 
 def damage(root: Path, name: str = "int8", factor: float = 3.0, layer: int = 0) -> None:
@@ -40,7 +57,15 @@ def damage(root: Path, name: str = "int8", factor: float = 3.0, layer: int = 0) 
         raise AssertionError(f"{target} not in the graph")
     rel = VARIANT_FILES[name]
     onnx.save(model, str(root / rel))
-    entry = variant_entry(root, name, [rel], precision=name, opset=18, recipe={"test": f"layer {layer} MLP x{factor}"}, providers=["CPUExecutionProvider"])
+    entry = variant_entry(
+        root,
+        name,
+        [rel],
+        precision=name,
+        opset=18,
+        recipe={"test": f"layer {layer} MLP x{factor}"},
+        providers=["CPUExecutionProvider"],
+    )
     Package.open(root).update_manifest(lambda m: m["variants"].__setitem__(name, entry))
 
 
@@ -76,6 +101,7 @@ def _error_line(r) -> str:
 
 
 # -- gates ---------------------------------------------------------------------------------------
+
 
 def test_fp32_against_itself_passes_and_is_recorded(package_copy, cli, tmp_path):
     out = tmp_path / "report.json"
@@ -149,7 +175,13 @@ def test_metrics_are_deterministic_and_baseline_guard(damaged_copy, cli, tmp_pat
 def test_library_report_and_pytorch_reference(package_copy, tiny_checkpoint):
     before = (package_copy / "manifest.json").read_bytes()
     steps = []
-    report = check_package(package_copy, reference=str(tiny_checkpoint), max_tokens=128, record=False, on_step=lambda d, t, label: steps.append((d, t)))
+    report = check_package(
+        package_copy,
+        reference=str(tiny_checkpoint),
+        max_tokens=128,
+        record=False,
+        on_step=lambda d, t, label: steps.append((d, t)),
+    )
     assert (package_copy / "manifest.json").read_bytes() == before  # record=False writes nothing
     assert report["reference"]["kind"] == "pytorch" and len(report["reference"]["weights_sha256"]) == 64
     assert report["model"] == model_identity(Package.open(package_copy))
@@ -161,11 +193,17 @@ def test_library_report_and_pytorch_reference(package_copy, tiny_checkpoint):
 
 # -- bad input: one line, exit 2, nothing written ------------------------------------------------
 
+
 def _other_model_report(pkg: Path, **model_changes) -> dict:
     identity = model_identity(Package.open(pkg))
     identity.update(model_changes)
-    return {"format": "gpt2deploy-check-report", "version": 1, "model": identity,
-            "text": {"source": "x", "sha256": "0" * 64, "tokens": 256}, "variants": {}}
+    return {
+        "format": "gpt2deploy-check-report",
+        "version": 1,
+        "model": identity,
+        "text": {"source": "x", "sha256": "0" * 64, "tokens": 256},
+        "variants": {},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +217,9 @@ def bad_inputs(tmp_path_factory, damaged_package, tiny_checkpoint_b):
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["model"]["vocab_size"] = 32000
     (other / "manifest.json").write_text(json.dumps(manifest))
-    (d / "other-model.json").write_text(json.dumps(_other_model_report(damaged_package, n_layer=12, weights_sha256="f" * 64)))
+    (d / "other-model.json").write_text(
+        json.dumps(_other_model_report(damaged_package, n_layer=12, weights_sha256="f" * 64))
+    )
     (d / "not-json.json").write_text("{ nope")
     # right model, other text
     (d / "other-text.json").write_text(json.dumps(_other_model_report(damaged_package)))
@@ -232,6 +272,7 @@ def test_bad_package_path(tmp_path, cli):
 
 # -- a real trained model --------------------------------------------------------------------------
 
+
 @requires_gpt2_ref
 @pytest.mark.slow
 def test_gpt2_ref_int8_passes_default_gates(tmp_path, cli):
@@ -249,4 +290,6 @@ def test_gpt2_ref_int8_passes_default_gates(tmp_path, cli):
     # a trained model gives peaked distributions: the numbers mean something here
     assert 20 < m["ppl_ref"] < 1000 and m["top1"] > 0.95 and m["kl_mean"] < 5e-3 and m["nonfinite"] == 0
     acc = Package.open(pkg).variant("int8")["accuracy"]
-    assert acc["passed"] and acc["thresholds"]["kl_mean"] == _strict_json(out)["variants"]["int8"]["thresholds"]["kl_mean"]
+    assert (
+        acc["passed"] and acc["thresholds"]["kl_mean"] == _strict_json(out)["variants"]["int8"]["thresholds"]["kl_mean"]
+    )

@@ -1,4 +1,5 @@
 """Export: graph contract, parity with PyTorch (prompt, decode, left-padded batch), manifest, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 
-from conftest import SHAPE_B, make_checkpoint
 from gpt2deploy.manifest import load_manifest
 from gpt2deploy.package import Package
 
@@ -34,7 +33,12 @@ def test_package_layout_and_manifest(tiny_package):
     assert pkg.integrity_problems() == []
     names = [i["name"] for i in pkg.manifest["io"]["inputs"]]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names[3:] == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert names[3:] == [
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    ]
 
 
 def test_graph_io_contract_and_tied_weight_stored_once(tiny_package):
@@ -119,17 +123,20 @@ def test_cli_export_success_and_force(tmp_path, tiny_checkpoint, cli):
 
 
 def test_pytorch_bin_weights_load(tmp_path, cli):
-    from exporters.synthetic import make_random_checkpoint
-
     from conftest import TOKENIZER_DIR
 
-    ckpt = make_random_checkpoint(tmp_path / "binckpt", TOKENIZER_DIR, n_layer=1, n_head=2, n_embd=32, n_positions=64, weights="bin")
+    from exporters.synthetic import make_random_checkpoint
+
+    ckpt = make_random_checkpoint(
+        tmp_path / "binckpt", TOKENIZER_DIR, n_layer=1, n_head=2, n_embd=32, n_positions=64, weights="bin"
+    )
     assert (ckpt / "pytorch_model.bin").is_file() and not (ckpt / "model.safetensors").exists()
     r = cli("export", ckpt, "-o", tmp_path / "pkg")
     assert r.exit_code == 0, r.output
 
 
 # -- bad input: one line, exit != 0, no traceback, nothing written ------------------------------
+
 
 def _assert_clean_failure(r, out: Path, *needles: str, code: int = 2):
     assert r.exit_code == code, r.output
@@ -240,7 +247,10 @@ def test_graph_carries_no_builder_paths_and_is_reproducible(tmp_path, tiny_packa
     moved = tmp_path / "elsewhere" / "ckpt"
     shutil.copytree(tiny_checkpoint, moved)
     res = export_package(str(moved), tmp_path / "pkg")
-    assert res.manifest["variants"]["fp32"]["files"][0]["sha256"] == Package.open(tiny_package).variant("fp32")["files"][0]["sha256"]
+    assert (
+        res.manifest["variants"]["fp32"]["files"][0]["sha256"]
+        == Package.open(tiny_package).variant("fp32")["files"][0]["sha256"]
+    )
     m = onnx.load(str(tmp_path / "pkg" / "onnx" / "model.onnx"), load_external_data=False)
     assert not any(n.metadata_props for n in m.graph.node)
     assert str(Path.home()) not in (tmp_path / "pkg" / "onnx" / "model.onnx").read_bytes().decode("latin-1")
@@ -252,10 +262,21 @@ def test_default_graph_is_optimized_and_portable_is_plain_onnx(tiny_package, tin
     from collections import Counter
 
     opt, plain = Package.open(tiny_package).variant("fp32"), Package.open(tiny_portable_package).variant("fp32")
-    assert opt["kv_cache"] == "shared" and opt["providers"] == ["CPUExecutionProvider"] and opt["recipe"]["optimize"] is True
+    assert (
+        opt["kv_cache"] == "shared"
+        and opt["providers"] == ["CPUExecutionProvider"]
+        and opt["recipe"]["optimize"] is True
+    )
     assert opt["recipe"]["fused"]["GroupQueryAttention"] == 2 and opt["recipe"]["fused"]["SkipLayerNormalization"] >= 4
-    assert plain["kv_cache"] == "concat" and "CUDAExecutionProvider" in plain["providers"] and plain["recipe"]["optimize"] is False
-    assert opt["parity"]["max_abs_diff"] <= opt["parity"]["atol"] and plain["parity"]["max_abs_diff"] <= plain["parity"]["atol"]
+    assert (
+        plain["kv_cache"] == "concat"
+        and "CUDAExecutionProvider" in plain["providers"]
+        and plain["recipe"]["optimize"] is False
+    )
+    assert (
+        opt["parity"]["max_abs_diff"] <= opt["parity"]["atol"]
+        and plain["parity"]["max_abs_diff"] <= plain["parity"]["atol"]
+    )
     g_opt = onnx.load(str(tiny_package / opt["file"]))
     g_plain = onnx.load(str(tiny_portable_package / plain["file"]))
     assert Counter(n.domain for n in g_plain.graph.node).keys() <= {"", "ai.onnx"}

@@ -1,4 +1,5 @@
 """inspect: dims, variants, accuracy, libraries, generation defaults, and the variant auto-selection picks."""
+
 from __future__ import annotations
 
 import json
@@ -27,17 +28,25 @@ def test_inspect_json(built_package, cli):
     assert list(info["variants"]) == list(ALL)
     for name, v in info["variants"].items():
         entry = m["variants"][name]
-        assert v["size"] == entry["size"] and v["precision"] == entry["precision"] and v["providers"] == entry["providers"]
+        assert (
+            v["size"] == entry["size"] and v["precision"] == entry["precision"] and v["providers"] == entry["providers"]
+        )
         assert v["libraries"]["onnxruntime"] and v["libraries"]["gpt2deploy"]
     assert info["variants"]["fp32"]["accuracy"] is None and info["variants"]["fp32"]["parity"]["passed"] is True
     for name in ALL[1:]:
         acc = info["variants"][name]["accuracy"]
         metrics = m["variants"][name]["accuracy"]["metrics"]
-        assert acc["passed"] is True and acc["ppl_delta"] == pytest.approx(metrics["ppl_delta"]) and acc["top1"] == pytest.approx(metrics["top1"])
+        assert (
+            acc["passed"] is True
+            and acc["ppl_delta"] == pytest.approx(metrics["ppl_delta"])
+            and acc["top1"] == pytest.approx(metrics["top1"])
+        )
         assert acc["reference"] == {"kind": "variant", "variant": "fp32"}
     assert info["generation"]["eos_token_id"] == 50256
     assert "onnxruntime" in info["libraries"] and "torch" in info["libraries"]
-    assert info["io"]["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"] and len(info["io"]["outputs"]) == 5
+    assert (
+        info["io"]["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"] and len(info["io"]["outputs"]) == 5
+    )
     assert info["io"]["optional_inputs"] == ["logits_to_keep"]
     assert info["build"]["variants"] == list(ALL) and info["build"]["rejected"] == {}
 
@@ -60,9 +69,8 @@ def test_inspect_text(built_package, cli):
 
 def test_auto_selection_follows_the_manifest(built_copy, cli):
     """inspect shows, and load(variant=None) picks, what the manifest allows: a failed gate is skipped."""
-    from gpt2deploy.runtime.select import select_variant
-
     import gpt2deploy
+    from gpt2deploy.runtime.select import select_variant
 
     def auto(root):
         info = json.loads(cli("inspect", root, "--json").stdout)
@@ -90,7 +98,9 @@ def test_auto_selection_follows_the_manifest(built_copy, cli):
     assert "FAIL" in row
     # the CUDA choice is shown even on a machine without CUDA: these variants take the in-place KV cache
     # (GroupQueryAttention with a padding bias, which has no CUDA kernel), so none is usable there
-    assert a["cuda"]["variant"] is None and "not built for cuda" in a["cuda"]["reason"] and "fp16" in a["cuda"]["reason"]
+    assert (
+        a["cuda"]["variant"] is None and "not built for cuda" in a["cuda"]["reason"] and "fp16" in a["cuda"]["reason"]
+    )
 
 
 def test_inspect_shows_rejected_and_unshipped_reference(built_copy, cli):

@@ -1,4 +1,5 @@
 """logits_to_keep: every variant projects only the last positions when asked, the same numbers as all of them."""
+
 from __future__ import annotations
 
 import json
@@ -67,10 +68,15 @@ def test_pass_adds_the_input_once_and_needs_the_projection(tmp_path):
     assert full.shape == (2, 5, 3)  # the default, 0, keeps every position
     for keep in (1, 2, 5, 9):
         got = sess.run(None, {"x": hidden, "logits_to_keep": np.array([keep], np.int64)})[0]
-        np.testing.assert_array_equal(got, full[:, -min(keep, 5):])
+        np.testing.assert_array_equal(got, full[:, -min(keep, 5) :])
 
     bad = helper.make_model(
-        helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "g", [x], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["logits"])],
+            "g",
+            [x],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        )
     )
     with pytest.raises(ExportError, match="logits come from a Relu node"):
         add_logits_to_keep(bad)
@@ -127,7 +133,9 @@ def test_verify_checks_the_optional_inputs(built_copy, reader):
     _edit_manifest(built_copy, change)
     problems = verify_package(built_copy, reader=reader).problems
     for f in ("onnx/model.onnx", "onnx/model_int8.onnx", "onnx/model_q4.onnx"):
-        assert any(p.startswith(f"{f}: graph lacks the optional input tokens_to_keep the manifest lists") for p in problems), problems
+        assert any(
+            p.startswith(f"{f}: graph lacks the optional input tokens_to_keep the manifest lists") for p in problems
+        ), problems
     assert len(problems) == 3
 
 

@@ -1,4 +1,5 @@
 """Memory layout of quantized variants: mapped external weights, the tied table held once, session advice."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory mappings are inspected through /proc (Linux)")
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="memory mappings are inspected through /proc (Linux)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,11 @@ def test_int8_variant_is_mapped_with_one_tied_table(int8_package):
     table = inits[head.input[1]]
     assert table.data_type == onnx.TensorProto.UINT8 and table.dims[0] == 50257
     # the embedding lookup reads an alias: its own initializer over the very same bytes of the data file
-    lookups = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].dims[:1] == table.dims[:1]]
+    lookups = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].dims[:1] == table.dims[:1]
+    ]
     assert len(lookups) == 1 and lookups[0].input[0] != table.name
     alias = inits[lookups[0].input[0]]
     assert _external(alias) == _external(table) and list(alias.dims) == list(table.dims)
@@ -70,7 +77,6 @@ def test_alias_reads_the_same_values_as_the_inline_graph(int8_package):
     import onnx
 
     from gpt2deploy.package import Package
-    from gpt2deploy.runtime.memory import SPARSE_MIN
     from gpt2deploy.runtime.session import DecoderSession
 
     pkg = Package.open(int8_package)
@@ -81,7 +87,11 @@ def test_alias_reads_the_same_values_as_the_inline_graph(int8_package):
         t.data_location = onnx.TensorProto.DEFAULT
         del t.external_data[:]
     sess = _session(inline)
-    feed = {i.name: np.zeros([1, pkg.dims.n_head, 0, pkg.dims.head_dim], np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+    feed = {
+        i.name: np.zeros([1, pkg.dims.n_head, 0, pkg.dims.head_dim], np.float32)
+        for i in sess.get_inputs()
+        if i.name.startswith("past")
+    }
     feed.update(input_ids=ids, attention_mask=np.ones_like(ids), position_ids=np.arange(ids.shape[1])[None])
     want = sess.run(["logits"], feed)[0]
     np.testing.assert_array_equal(logits, want)
@@ -99,17 +109,36 @@ def test_save_mapped_aliases_only_gathers_of_prepacked_weights(tmp_path):
     scales = rng.uniform(0.01, 0.02, n * (k // bs)).astype(np.float32)
     plain = rng.standard_normal((n, k)).astype(np.float32)
     nodes = [
-        helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=8, block_size=bs, accuracy_level=4),
+        helper.make_node(
+            "MatMulNBits",
+            ["x", "B", "S"],
+            ["y"],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=8,
+            block_size=bs,
+            accuracy_level=4,
+        ),
         helper.make_node("Gather", ["B", "ids"], ["rows"], axis=0),
         helper.make_node("Gather", ["P", "ids"], ["prow"], axis=0),
     ]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]), helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
-        [helper.make_tensor_value_info(o, t, None) for o, t in (("y", TensorProto.FLOAT), ("rows", TensorProto.UINT8), ("prow", TensorProto.FLOAT))],
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [3]),
+        ],
+        [
+            helper.make_tensor_value_info(o, t, None)
+            for o, t in (("y", TensorProto.FLOAT), ("rows", TensorProto.UINT8), ("prow", TensorProto.FLOAT))
+        ],
         [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S"), numpy_helper.from_array(plain, "P")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     feed = {"x": rng.standard_normal((1, k)).astype(np.float32), "ids": np.array([0, 7, 299], np.int64)}
     want = _session(model).run(None, feed)
     written = save_mapped(model, tmp_path / "m.onnx")
@@ -117,7 +146,7 @@ def test_save_mapped_aliases_only_gathers_of_prepacked_weights(tmp_path):
     saved = onnx.load(str(written[0]), load_external_data=False)
     assert [nd.input[0] for nd in saved.graph.node if nd.op_type == "Gather"] == ["B" + ALIAS_SUFFIX, "P"]
     got = _session(str(written[0])).run(None, feed)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         np.testing.assert_array_equal(g, w)
 
 

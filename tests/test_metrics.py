@@ -1,4 +1,5 @@
 """Accuracy metric mechanics on crafted logits: exact values where the maths gives them."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """The ONNX -> ONNX passes on their own: optimization (incl. graphs without biases), Gemm rewrite,
 the shared tied int8 table, FP16 Inf/NaN detection, --exclude resolution, the decoder contract."""
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,12 @@ def _prompt_and_step(model) -> list[np.ndarray]:
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
     feed.update({n: np.zeros((1, N_HEAD, 0, HEAD_DIM), np.float32) for n in names})
     first = sess.run(outs, feed)
-    step = {"input_ids": np.array([IDS[-1:]]), "attention_mask": np.ones((1, len(IDS)), np.int64), "position_ids": np.array([[len(IDS) - 1]])}
-    step.update(zip(names, first[1:]))
+    step = {
+        "input_ids": np.array([IDS[-1:]]),
+        "attention_mask": np.ones((1, len(IDS)), np.int64),
+        "position_ids": np.array([[len(IDS) - 1]]),
+    }
+    step.update(zip(names, first[1:], strict=False))
     return [first[0], sess.run(outs, step)[0]]
 
 
@@ -56,7 +61,7 @@ def test_optimize_fuses_and_keeps_logits(fp32_graph):
     assert report["fused"]["FastGelu"] == N_LAYER
     assert "Gemm" not in report["ops_after"]
     assert report["ops_after"]["Reshape"] < report["ops_before"]["Reshape"]
-    for a, b in zip(_prompt_and_step(opt), ref):
+    for a, b in zip(_prompt_and_step(opt), ref, strict=False):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
@@ -85,7 +90,7 @@ def test_optimize_graph_without_biases(fp32_graph, kind):
     assert report["fused"]["SkipLayerNormalization"] == 2 * N_LAYER
     assert report["fused"]["FastGelu"] == N_LAYER
     assert "Gemm" not in report["ops_after"]
-    for a, b in zip(_prompt_and_step(opt), ref):
+    for a, b in zip(_prompt_and_step(opt), ref, strict=False):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
@@ -181,13 +186,23 @@ def test_int4_embedding_reads_the_lm_head_blocks(fp32_graph, head_bits):
     assert "model.lm_head.weight" not in initializers(q)
     inits = initializers(q)
     zp = numpy_helper.to_array(inits[head.input[3]]) if len(head.input) > 3 and head.input[3] else None
-    rows = dequantize_rows(numpy_helper.to_array(inits[table]), numpy_helper.to_array(inits[head.input[2]]), zp, head_bits, HIDDEN)
-    emb_name = next(n.output[0] for n in fp32_graph.graph.node if n.op_type == "Gather" and n.input[0] == "model.lm_head.weight")
+    rows = dequantize_rows(
+        numpy_helper.to_array(inits[table]), numpy_helper.to_array(inits[head.input[2]]), zp, head_bits, HIDDEN
+    )
+    emb_name = next(
+        n.output[0] for n in fp32_graph.graph.node if n.op_type == "Gather" and n.input[0] == "model.lm_head.weight"
+    )
     q.graph.output.append(helper.make_tensor_value_info(emb_name, TensorProto.FLOAT, None))
     sess = _session(q)
     ids = np.array([IDS[:5], [0, 1, 50256, 7, 99]], np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(5), (2, 1))}
-    feed.update({f"past_key_values.{i}.{k}": np.zeros((2, N_HEAD, 0, HEAD_DIM), np.float32) for i in range(N_LAYER) for k in ("key", "value")})
+    feed.update(
+        {
+            f"past_key_values.{i}.{k}": np.zeros((2, N_HEAD, 0, HEAD_DIM), np.float32)
+            for i in range(N_LAYER)
+            for k in ("key", "value")
+        }
+    )
     emb = sess.run([emb_name], feed)[0]
     np.testing.assert_allclose(emb, rows[ids], atol=1e-6)
     assert np.abs(emb - w[ids]).max() < (0.2 if head_bits == 4 else 0.02) * np.abs(w).max()

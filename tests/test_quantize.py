@@ -3,6 +3,7 @@
 The variants are built once per module (one package copy holding all three) and then inspected:
 accuracy against fp32 on real-text tokens, graph contents, sizes and manifest entries.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import EVAL_TEXT
 
 MODES = ("int8", "int4", "fp16")
@@ -61,7 +61,7 @@ def test_logits_close_to_fp32_prompt_and_decode(quantized, mode):
     var = DecoderSession(pkg, VARIANT_OF[mode], "cpu", threads=1)
     r0, rp = ref.forward(prompt)
     v0, vp = var.forward(prompt)
-    assert all(p.dtype == np.float32 and p.shape == q.shape for p, q in zip(vp, rp))
+    assert all(p.dtype == np.float32 and p.shape == q.shape for p, q in zip(vp, rp, strict=False))
     r1, _ = ref.forward(nxt, past=rp)
     v1, _ = var.forward(nxt, past=vp)
     for a, b in ((v0, r0), (v1, r1)):
@@ -95,7 +95,11 @@ def test_every_weight_matmul_is_quantized_lm_head_included(quantized, mode):
     assert head.op_type == "MatMulNBits"  # int8: the 8-bit tied table, int4: 8-bit head by default
     # no float copy of the big tied matrix is left behind
     table = 50257 * 64
-    big_float = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= table]
+    big_float = [
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= table
+    ]
     assert big_float == []
     assert entry["recipe"]["quantized_matmuls"] == 9 and entry["recipe"]["skipped_matmuls"] == 0
 
@@ -129,7 +133,9 @@ def test_weight_size_ratios(quantized, tiny_package):
     from quant.graph import tensor_bytes
 
     body_bytes = sum(tensor_bytes(inits[i]) for n in body for i in n.input[1:] if i in inits)
-    body_fp32 = sum(4 * int(np.prod(inits[n.input[1]].dims[:1])) * next(a.i for a in n.attribute if a.name == "K") for n in body)
+    body_fp32 = sum(
+        4 * int(np.prod(inits[n.input[1]].dims[:1])) * next(a.i for a in n.attribute if a.name == "K") for n in body
+    )
     assert body_bytes <= 0.20 * body_fp32, (body_bytes, body_fp32)
     res = quantized["results"]
     assert res["int8"]["summary"]["size_after"] <= 0.30 * res["int8"]["summary"]["size_before"]
@@ -146,7 +152,11 @@ def test_manifest_entries_valid(quantized):
     assert pkg.integrity_problems() == []
     expect_files = {"int8": "onnx/model_int8.onnx", "int4": "onnx/model_q4.onnx", "fp16": "onnx/model_fp16.onnx"}
     # int8/int4 take the in-place KV cache (GroupQueryAttention: CPU only); fp16 keeps MultiHeadAttention for CUDA
-    expect_prov = {"int8": ["CPUExecutionProvider"], "int4": ["CPUExecutionProvider"], "fp16": ["CUDAExecutionProvider"]}
+    expect_prov = {
+        "int8": ["CPUExecutionProvider"],
+        "int4": ["CPUExecutionProvider"],
+        "fp16": ["CUDAExecutionProvider"],
+    }
     expect_kv = {"int8": "shared", "int4": "shared", "fp16": "concat"}
     expect_attention = {"int8": "GroupQueryAttention", "int4": "GroupQueryAttention", "fp16": "MultiHeadAttention"}
     for mode in MODES:
@@ -159,7 +169,17 @@ def test_manifest_entries_valid(quantized):
         assert e["kv_cache"] == expect_kv[mode] and e["recipe"]["fused"][expect_attention[mode]] == 2
         assert {"onnxruntime", "onnx"} <= set(e["libraries"])
         r = e["recipe"]
-        for key in ("mode", "per_channel", "block_size", "accuracy_level", "excluded", "fused", "quantized_matmuls", "skipped_matmuls", "float_weight_fraction"):
+        for key in (
+            "mode",
+            "per_channel",
+            "block_size",
+            "accuracy_level",
+            "excluded",
+            "fused",
+            "quantized_matmuls",
+            "skipped_matmuls",
+            "float_weight_fraction",
+        ):
             assert key in r, key
         assert r["fused"].get("SkipLayerNormalization", 0) >= 4 and r["fused"].get("FastGelu", 0) == 2
         assert e["sample_check"]["finite"] is True
@@ -268,7 +288,9 @@ def test_int8_block_granularity(cli, package_copy):
     pkg = Package.open(package_copy)
     e = pkg.variant("int8")
     assert e["file"] == "onnx/model_int8.onnx"
-    assert e["recipe"]["granularity"] == "block" and e["recipe"]["block_size"] == 32 and e["recipe"]["accuracy_level"] == 4
+    assert (
+        e["recipe"]["granularity"] == "block" and e["recipe"]["block_size"] == 32 and e["recipe"]["accuracy_level"] == 4
+    )
     assert e["recipe"]["quantized_matmuls"] == 9 and e["recipe"]["skipped_matmuls"] == 0
     model = onnx.load(str(package_copy / e["file"]))
     ops = Counter(n.op_type for n in model.graph.node)
@@ -280,7 +302,15 @@ def test_int8_block_granularity(cli, package_copy):
     ref, _ = DecoderSession(pkg, "fp32", "cpu", threads=1).forward(np.array([ids]))
     got, _ = DecoderSession(pkg, "int8", "cpu", threads=1).forward(np.array([ids]))
     assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < REL_RMS["int8"]
-    assert 1 <= len(gpt2deploy.load(package_copy, variant="int8", device="cpu").generate_ids([[1, 2, 3]], max_new_tokens=4).tokens[0]) <= 4
+    assert (
+        1
+        <= len(
+            gpt2deploy.load(package_copy, variant="int8", device="cpu")
+            .generate_ids([[1, 2, 3]], max_new_tokens=4)
+            .tokens[0]
+        )
+        <= 4
+    )
 
 
 @pytest.mark.parametrize(

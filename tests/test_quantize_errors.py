@@ -1,4 +1,5 @@
 """gpt2deploy quantize on bad input: one line `error: ...`, exit != 0, nothing written, manifest unchanged."""
+
 from __future__ import annotations
 
 import errno
@@ -138,7 +139,11 @@ def test_failure_while_recording_a_new_variant_leaves_nothing(package_copy, monk
     from gpt2deploy.quantizing import quantize_package
 
     before = _snapshot(package_copy)
-    monkeypatch.setattr(Package, "update_manifest", lambda self, change: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(
+        Package,
+        "update_manifest",
+        lambda self, change: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+    )
     with pytest.raises(OSError):
         quantize_package(package_copy, "fp16")
     assert _snapshot(package_copy) == before

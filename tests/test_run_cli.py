@@ -1,4 +1,5 @@
 """`gpt2deploy run`: streaming output, --json, stdin prompts, and every bad input as a one-line error."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def test_run_streams_the_continuation(cli, tiny_package, greedy_text):
 
 
 def test_run_json_and_stdin(cli, tiny_package, greedy_text):
-    r = cli("run", tiny_package, "--prompt", "-", "-n", "12", "--json", "--device", "cpu", input="The assert statement\n")
+    r = cli(
+        "run", tiny_package, "--prompt", "-", "-n", "12", "--json", "--device", "cpu", input="The assert statement\n"
+    )
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["text"] == greedy_text
@@ -47,13 +50,33 @@ def test_run_json_and_stdin(cli, tiny_package, greedy_text):
 
 
 def test_run_sampling_options_and_stop(cli, tiny_package, greedy_text):
-    args = ("run", tiny_package, "--prompt", "The assert statement", "-n", "12", "--json", "--do-sample", "--seed", "7",
-            "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--repetition-penalty", "1.2")
+    args = (
+        "run",
+        tiny_package,
+        "--prompt",
+        "The assert statement",
+        "-n",
+        "12",
+        "--json",
+        "--do-sample",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.2",
+    )
     a, b = cli(*args), cli(*args)
     assert a.exit_code == 0, a.stderr
     assert json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"]
     stop = greedy_text[5:8]
-    r = cli("run", tiny_package, "--prompt", "The assert statement", "-n", "12", "--stop", stop, "--stop", "zzzq", "--json")
+    r = cli(
+        "run", tiny_package, "--prompt", "The assert statement", "-n", "12", "--stop", stop, "--stop", "zzzq", "--json"
+    )
     out = json.loads(r.stdout)
     assert out["text"] == greedy_text[: greedy_text.find(stop)] and out["finish_reason"] == "stop"
 

@@ -1,5 +1,6 @@
 """Runtime generation on a tiny random package: parity with transformers, batching, seeds, streaming, stops,
 EOS, the KV cache's contents, and imports that stay free of torch/transformers/onnx."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,10 @@ def _hf_greedy(hf_model, ids: list[int], new: int) -> list[int]:
 
     with torch.no_grad():
         x = torch.tensor([ids])
-        out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = hf_model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def test_greedy_matches_transformers_generate(model, hf_model):
@@ -155,7 +158,7 @@ def test_finished_rows_leave_the_batch(model, opts):
     # its cache, past the left padding, is the full recompute of its sequence
     seq, pad = rows[2] + res.tokens[2][:-1], max(len(r) for r in rows) - len(rows[2])
     _, present = model.session.forward(np.array([seq]))
-    for got, ref in zip(stepper.cache(), present):
+    for got, ref in zip(stepper.cache(), present, strict=False):
         np.testing.assert_allclose(got[:, :, pad:], ref, atol=1e-4)
     # the lent stepper, now one row wide, serves a one-row generation
     again = Generation(model.session, rows[2:], o)
@@ -177,7 +180,7 @@ def test_kv_cache_holds_the_full_recompute(model):
         logits = st.step(np.array([tok]))
     ref_logits, ref_present = model.session.forward(np.array([seq]))
     np.testing.assert_allclose(logits[0], ref_logits[0, -1], atol=1e-4)
-    for got, ref in zip(st.cache(), ref_present):
+    for got, ref in zip(st.cache(), ref_present, strict=False):
         np.testing.assert_allclose(got, ref, atol=1e-4)
     # the buffers are reused in place: their addresses never change
     assert st.ptrs[0][0] == st.sets[0][0].value.ctypes.data
@@ -206,7 +209,7 @@ def test_prompt_in_chunks_computes_what_one_run_does(model, hf_model, chunk, mon
     one, many = (KVStepper(model.session, len(rows), ids.shape[1] + 2) for _ in range(2))
     np.testing.assert_allclose(many.prefill(ids, mask, chunk=chunk), one.prefill(ids, mask, chunk=10**6), atol=1e-5)
     real = mask.astype(bool)  # pad positions hold don't-care values
-    for a, b in zip(many.cache(), one.cache()):
+    for a, b in zip(many.cache(), one.cache(), strict=False):
         np.testing.assert_allclose(a.transpose(0, 2, 1, 3)[real], b.transpose(0, 2, 1, 3)[real], atol=1e-5)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         many.prefill(ids, mask, chunk=0)
@@ -279,7 +282,9 @@ def test_threads_and_selection_attributes(tiny_package):
         gpt2deploy.load(tiny_package, device="cpu", threads=0, verify=False)
 
 
-@pytest.mark.skipif(not cuda_available(), reason="onnxruntime's CUDA execution provider is not available on this machine")
+@pytest.mark.skipif(
+    not cuda_available(), reason="onnxruntime's CUDA execution provider is not available on this machine"
+)
 def test_cuda_matches_cpu(tiny_package, model):
     gpu = gpt2deploy.load(tiny_package, device="cuda", variant="fp32")
     assert gpu.device == "cuda"
@@ -315,7 +320,9 @@ except ImportError:
 
 def _run_py(code: str, *args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_generation_imports_no_torch_transformers_onnx(tiny_package):
@@ -350,6 +357,6 @@ def test_forward_in_place_equals_plain_run(tiny_package):
     (la, sa, pa), (lb, sb, pb) = runs
     real = mask.astype(bool)
     assert np.abs(la[real] - lb[real]).max() <= 1e-5 and np.abs(sa - sb).max() <= 1e-5
-    for x, y in zip(pa, pb):
+    for x, y in zip(pa, pb, strict=False):
         assert x.shape == y.shape == (2, 4, 5, 16)
         assert np.abs(x[:, :, 2:] - y[:, :, 2:]).max() <= 1e-5

@@ -1,4 +1,5 @@
 """Sampling math on crafted logits, checked against transformers' logits processors; option validation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,15 @@ import pytest
 
 from gpt2deploy.errors import UsageError
 from gpt2deploy.runtime.options import build_options
-from gpt2deploy.runtime.sampling import SeenTokens, apply_repetition_penalty, apply_temperature, choose, draw, top_k_filter, top_p_filter
+from gpt2deploy.runtime.sampling import (
+    SeenTokens,
+    apply_repetition_penalty,
+    apply_temperature,
+    choose,
+    draw,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def test_repetition_penalty_on_crafted_logits():
@@ -84,13 +93,16 @@ def test_choose_greedy_and_sampled():
     assert choose(logits, o, None, seen).tolist() == [2, 0]
 
 
-@pytest.mark.parametrize("opts", [
-    {"do_sample": True, "top_p": 0.9},
-    {"do_sample": True, "top_p": 0.3, "temperature": 0.7},
-    {"do_sample": True, "top_k": 40},
-    {"do_sample": True, "top_k": 300, "top_p": 0.95, "temperature": 1.3, "repetition_penalty": 1.2},
-    {"do_sample": True},
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"do_sample": True, "top_p": 0.9},
+        {"do_sample": True, "top_p": 0.3, "temperature": 0.7},
+        {"do_sample": True, "top_k": 40},
+        {"do_sample": True, "top_k": 300, "top_p": 0.95, "temperature": 1.3, "repetition_penalty": 1.2},
+        {"do_sample": True},
+    ],
+)
 def test_fast_choice_equals_reference_filters(opts):
     """choose() works on candidates only; it must pick exactly what the full-vocabulary pipeline picks."""
     rng = np.random.default_rng(42)

@@ -1,4 +1,5 @@
 """Variant auto-selection from the manifest, and explicit variants at load."""
+
 from __future__ import annotations
 
 import shutil
@@ -59,7 +60,9 @@ def test_cuda_prefers_fp16_else_fp32():
 def _add_fake_variant(root, name, file, precision, **extra):
     """A variant entry whose graph is a copy of fp32 (same contract), enough to test selection."""
     shutil.copyfile(root / "onnx" / "model.onnx", root / file)
-    entry = variant_entry(root, name, [file], precision=precision, opset=18, recipe={"test": True}, providers=CUDA, **extra)
+    entry = variant_entry(
+        root, name, [file], precision=precision, opset=18, recipe={"test": True}, providers=CUDA, **extra
+    )
     Package.open(root).update_manifest(lambda m: m["variants"].__setitem__(name, entry))
 
 
@@ -67,7 +70,9 @@ def test_load_auto_picks_manifest_choice(package_copy):
     _add_fake_variant(package_copy, "int8", "onnx/model_int8.onnx", "int8", accuracy={"passed": True})
     m = gpt2deploy.load(package_copy, device="cpu", threads=1)
     assert m.variant == "int8" and "int8 is the fastest CPU variant present" in m.selection_reason
-    Package.open(package_copy).update_manifest(lambda mf: mf["variants"]["int8"].__setitem__("accuracy", {"passed": False}))
+    Package.open(package_copy).update_manifest(
+        lambda mf: mf["variants"]["int8"].__setitem__("accuracy", {"passed": False})
+    )
     m = gpt2deploy.load(package_copy, device="cpu", threads=1)
     assert m.variant == "fp32" and "int8 failed its accuracy gate" in m.selection_reason
     with warnings.catch_warnings(record=True) as w:

@@ -1,11 +1,12 @@
 """Incremental detokenization (multi-byte characters split across tokens) and stop-string matching."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TOKENIZER_DIR
 from tokenizers import Tokenizer
 
-from conftest import TOKENIZER_DIR
 from gpt2deploy.runtime.textstream import IncrementalText, StopMatcher, TokenBytes, decode
 
 

@@ -1,4 +1,5 @@
 """triton: model repository layout, config.pbtxt parsed and matched to the manifest and the graph itself."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import numpy as np
 from gpt2deploy.fsutil import sha256_file
 from gpt2deploy.manifest import load_manifest
 
-
 # -- a small protobuf text-format parser (enough for Triton model configs) -----------------------
 _TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([A-Za-z_][\w.]*)|(-?\d+(?:\.\d+)?)|([{}\[\]:,]))')
 
@@ -21,12 +21,20 @@ def _tokens(text: str) -> list:
         if text[pos:].strip() == "":
             break
         m = _TOKEN.match(text, pos)
-        assert m and m.end() > pos, f"cannot parse config at {text[pos:pos + 30]!r}"
+        assert m and m.end() > pos, f"cannot parse config at {text[pos : pos + 30]!r}"
         pos = m.end()
         comment, string, ident, number, punct = m.groups()
         if comment:
             continue
-        out.append(("str", json.loads(string)) if string else ("id", ident) if ident else ("num", int(number)) if number else ("p", punct))
+        out.append(
+            ("str", json.loads(string))
+            if string
+            else ("id", ident)
+            if ident
+            else ("num", int(number))
+            if number
+            else ("p", punct)
+        )
     return out
 
 
@@ -64,7 +72,9 @@ def parse_pbtxt(text: str) -> dict:
                 i += 1
             v = value()
             if key in fields:
-                fields[key] = (fields[key] if isinstance(fields[key], list) else [fields[key]]) + (v if isinstance(v, list) else [v])
+                fields[key] = (fields[key] if isinstance(fields[key], list) else [fields[key]]) + (
+                    v if isinstance(v, list) else [v]
+                )
             else:
                 fields[key] = v
         i += 1
@@ -74,8 +84,15 @@ def parse_pbtxt(text: str) -> dict:
 
 
 def test_parser_on_known_text():
-    cfg = parse_pbtxt('# c\nname: "m"\nmax_batch_size: 0\ninput [ { name: "a" dims: [ -1, 4 ] }, { name: "b" dims: [ 2 ] } ]\nparameters { key: "k" value: { string_value: "2" } }\n')
-    assert cfg == {"name": "m", "max_batch_size": 0, "input": [{"name": "a", "dims": [-1, 4]}, {"name": "b", "dims": [2]}], "parameters": {"key": "k", "value": {"string_value": "2"}}}
+    cfg = parse_pbtxt(
+        '# c\nname: "m"\nmax_batch_size: 0\ninput [ { name: "a" dims: [ -1, 4 ] }, { name: "b" dims: [ 2 ] } ]\nparameters { key: "k" value: { string_value: "2" } }\n'
+    )
+    assert cfg == {
+        "name": "m",
+        "max_batch_size": 0,
+        "input": [{"name": "a", "dims": [-1, 4]}, {"name": "b", "dims": [2]}],
+        "parameters": {"key": "k", "value": {"string_value": "2"}},
+    }
 
 
 _TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
@@ -88,7 +105,12 @@ def _check_model_dir(model_dir: Path, name: str, variant: str, pkg: Path, kind: 
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
     version = model_dir / "1"
     files = sorted(p.name for p in version.iterdir())
-    assert "model.onnx" in files and "tokenizer.json" in files and "manifest.json" in files and "generation_config.json" in files
+    assert (
+        "model.onnx" in files
+        and "tokenizer.json" in files
+        and "manifest.json" in files
+        and "generation_config.json" in files
+    )
     assert sha256_file(version / "model.onnx") == entry["files"][0]["sha256"]
     for f in entry["files"][1:]:
         assert sha256_file(version / Path(f["path"]).name) == f["sha256"]
@@ -101,7 +123,10 @@ def _check_model_dir(model_dir: Path, name: str, variant: str, pkg: Path, kind: 
     assert cfg["instance_group"] == [{"count": 1, "kind": kind}]
     contract = manifest["io"]
     for key in ("input", "output"):
-        want = [(t["name"], _TYPES[t["dtype"]], [d if isinstance(d, int) else -1 for d in t["shape"]]) for t in contract[key + "s"]]
+        want = [
+            (t["name"], _TYPES[t["dtype"]], [d if isinstance(d, int) else -1 for d in t["shape"]])
+            for t in contract[key + "s"]
+        ]
         got = [(t["name"], t["data_type"], t["dims"]) for t in cfg[key]]
         assert got == want
 
@@ -115,13 +140,15 @@ def _check_model_dir(model_dir: Path, name: str, variant: str, pkg: Path, kind: 
         for a in args:
             t = by_name[a.name]
             assert _ORT[a.type] == t["data_type"] and len(a.shape) == len(t["dims"])
-            for g, c in zip(a.shape, t["dims"]):
+            for g, c in zip(a.shape, t["dims"], strict=False):
                 assert c == -1 or g == c, (a.name, a.shape, t["dims"])
     feed = {}
     for t in cfg["input"]:
         dims = [d if d != -1 else 0 for d in t["dims"]]
         if t["name"] in ("input_ids", "position_ids"):
-            feed[t["name"]] = np.array([[464, 2068, 7586]], np.int64) if t["name"] == "input_ids" else np.arange(3)[None]
+            feed[t["name"]] = (
+                np.array([[464, 2068, 7586]], np.int64) if t["name"] == "input_ids" else np.arange(3)[None]
+            )
         elif t["name"] == "attention_mask":
             feed[t["name"]] = np.ones((1, 3), np.int64)
         else:
@@ -160,12 +187,28 @@ def test_triton_default_variant_name_and_gpu(built_copy, tmp_path, cli):
     assert cli("quantize", built_package, "--mode", "int4", "--attention", "mha", "--force").exit_code == 0
     gpu_pick, _ = select_variant(load_manifest(built_package), "cuda")
     assert gpu_pick == "int4"
-    r = cli("triton", built_package, "-o", repo, "--device", "cuda", "--name", "gpt2_gpu", "--instances", "2", "--threads", "3")
+    r = cli(
+        "triton",
+        built_package,
+        "-o",
+        repo,
+        "--device",
+        "cuda",
+        "--name",
+        "gpt2_gpu",
+        "--instances",
+        "2",
+        "--threads",
+        "3",
+    )
     assert r.exit_code == 0, r.output
     cfg = parse_pbtxt((repo / "gpt2_gpu" / "config.pbtxt").read_text())
     assert cfg["instance_group"] == [{"count": 2, "kind": "KIND_GPU"}]
     assert cfg["parameters"] == {"key": "intra_op_thread_count", "value": {"string_value": "3"}}
-    assert sha256_file(repo / "gpt2_gpu" / "1" / "model.onnx") == load_manifest(built_package)["variants"][gpu_pick]["files"][0]["sha256"]
+    assert (
+        sha256_file(repo / "gpt2_gpu" / "1" / "model.onnx")
+        == load_manifest(built_package)["variants"][gpu_pick]["files"][0]["sha256"]
+    )
     assert (repo / "other_model" / "config.pbtxt").read_text() == 'name: "other_model"'  # other models untouched
     assert sorted(p.name for p in repo.iterdir()) == sorted(["other_model", model.name, "gpt2_gpu"])
 
@@ -176,7 +219,9 @@ def test_triton_external_data_keeps_its_name(built_copy, tmp_path, cli):
     from gpt2deploy.manifest import file_entry
 
     graph = built_copy / "onnx" / "model.onnx"
-    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        onnx.load(str(graph)), str(graph), save_as_external_data=True, location="model.onnx.data", size_threshold=1024
+    )
     m = json.loads((built_copy / "manifest.json").read_text())
     files = [file_entry(built_copy, "onnx/model.onnx"), file_entry(built_copy, "onnx/model.onnx.data")]
     m["variants"]["fp32"].update(files=files, size=sum(f["size"] for f in files))
@@ -189,6 +234,7 @@ def test_triton_external_data_keeps_its_name(built_copy, tmp_path, cli):
 
 
 # -- bad input: one line, nonzero exit, nothing written -------------------------------------------
+
 
 def _clean_failure(r, *needles, code=2):
     assert r.exit_code == code, r.output
@@ -212,15 +258,23 @@ def test_triton_existing_model_needs_force(built_package, tmp_path, cli):
 
 def test_triton_bad_input(built_copy, tmp_path, cli):
     repo = tmp_path / "repo"
-    _clean_failure(cli("triton", built_copy, "-o", repo, "--variant", "int3"), "variant 'int3' is not in package", "fp32, int4, int8")
+    _clean_failure(
+        cli("triton", built_copy, "-o", repo, "--variant", "int3"),
+        "variant 'int3' is not in package",
+        "fp32, int4, int8",
+    )
     _clean_failure(cli("triton", built_copy, "-o", repo, "--device", "tpu"), "unknown device 'tpu'")
-    _clean_failure(cli("triton", built_copy, "-o", repo, "--name", "../escape"), "not a valid Triton model directory name")
+    _clean_failure(
+        cli("triton", built_copy, "-o", repo, "--name", "../escape"), "not a valid Triton model directory name"
+    )
     _clean_failure(cli("triton", built_copy, "-o", built_copy / "repo"), "must be outside the package")
     (tmp_path / "afile").write_text("x")
     _clean_failure(cli("triton", built_copy, "-o", tmp_path / "afile"), "is a file")
     data = bytearray((built_copy / "onnx" / "model_int8.onnx").read_bytes())
     data[100] ^= 1
     (built_copy / "onnx" / "model_int8.onnx").write_bytes(bytes(data))
-    _clean_failure(cli("triton", built_copy, "-o", repo, "--variant", "int8"), "model_int8.onnx: sha256 differs", code=1)
+    _clean_failure(
+        cli("triton", built_copy, "-o", repo, "--variant", "int8"), "model_int8.onnx: sha256 differs", code=1
+    )
     assert not repo.exists() and not (built_copy / "repo").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "built"]

@@ -1,4 +1,5 @@
 """verify: schema, hashes, unlisted and escaping files, graph I/O contract; load refuses what verify rejects."""
+
 from __future__ import annotations
 
 import json
@@ -107,7 +108,9 @@ def test_symlinks_pointing_outside_are_refused(built_copy, tmp_path, cli):
     (built_copy / "extra").symlink_to(outside, target_is_directory=True)
     lines = _fails(cli("verify", built_copy))
     assert len(lines) == 2
-    assert lines[0].startswith("FAIL vocab.json: points outside the package") or lines[1].startswith("FAIL vocab.json: points outside the package")
+    assert lines[0].startswith("FAIL vocab.json: points outside the package") or lines[1].startswith(
+        "FAIL vocab.json: points outside the package"
+    )
     assert any(line.startswith("FAIL extra: symlink points outside the package") for line in lines)
     with pytest.raises(IntegrityError, match="vocab.json: points outside the package"):
         Package.open(built_copy).check_integrity()
@@ -125,7 +128,9 @@ def test_manifest_path_outside_package_refused(built_copy, cli):
     shutil.copyfile(built_copy / "tokenizer.json", built_copy.parent / "tokenizer.json")
     _edit_manifest(built_copy, change)
     lines = _fails(cli("verify", built_copy))
-    assert lines == [f"FAIL ../tokenizer.json: points outside the package ({built_copy.parent.resolve() / 'tokenizer.json'}); packages must be self-contained"]
+    assert lines == [
+        f"FAIL ../tokenizer.json: points outside the package ({built_copy.parent.resolve() / 'tokenizer.json'}); packages must be self-contained"
+    ]
 
 
 @pytest.mark.parametrize("reader", ["onnx", "onnxruntime"])
@@ -156,12 +161,23 @@ def test_external_data_must_be_listed(built_copy, cli):
     model = onnx.load(str(graph))
     onnx.save_model(model, str(graph), save_as_external_data=True, location="weights.bin", size_threshold=1024)
     (built_copy / "onnx" / "model.onnx.data").unlink()
-    _edit_manifest(built_copy, lambda m: m["variants"]["fp32"].__setitem__("files", [file_entry(built_copy, "onnx/model.onnx")]))
-    _edit_manifest(built_copy, lambda m: m["variants"]["fp32"].__setitem__("size", m["variants"]["fp32"]["files"][0]["size"]))
+    _edit_manifest(
+        built_copy, lambda m: m["variants"]["fp32"].__setitem__("files", [file_entry(built_copy, "onnx/model.onnx")])
+    )
+    _edit_manifest(
+        built_copy, lambda m: m["variants"]["fp32"].__setitem__("size", m["variants"]["fp32"]["files"][0]["size"])
+    )
     lines = _fails(cli("verify", built_copy))
-    assert lines == ["FAIL onnx/model.onnx: graph needs external data onnx/weights.bin, which variant fp32 does not list; rebuild the package"]
-    _edit_manifest(built_copy, lambda m: m["variants"]["fp32"]["files"].append(file_entry(built_copy, "onnx/weights.bin")))
-    _edit_manifest(built_copy, lambda m: m["variants"]["fp32"].__setitem__("size", sum(f["size"] for f in m["variants"]["fp32"]["files"])))
+    assert lines == [
+        "FAIL onnx/model.onnx: graph needs external data onnx/weights.bin, which variant fp32 does not list; rebuild the package"
+    ]
+    _edit_manifest(
+        built_copy, lambda m: m["variants"]["fp32"]["files"].append(file_entry(built_copy, "onnx/weights.bin"))
+    )
+    _edit_manifest(
+        built_copy,
+        lambda m: m["variants"]["fp32"].__setitem__("size", sum(f["size"] for f in m["variants"]["fp32"]["files"])),
+    )
     assert cli("verify", built_copy).exit_code == 0
 
 
@@ -169,23 +185,36 @@ def test_malformed_variant_entry(built_copy, cli):
     _edit_manifest(built_copy, lambda m: m["variants"]["int8"].pop("files"))
     lines = _fails(cli("verify", built_copy))
     assert "FAIL variant int8: manifest entry lacks its file list (path, sha256, size); rebuild the package" in lines
-    assert "FAIL onnx/model_int8.onnx: ONNX file not listed in the manifest; remove it or rebuild the package" not in lines
+    assert (
+        "FAIL onnx/model_int8.onnx: ONNX file not listed in the manifest; remove it or rebuild the package" not in lines
+    )
 
 
 # -- manifests that cannot be read: one line, nonzero exit, no traceback --------------------------
+
 
 def test_malformed_json(built_copy, cli):
     (built_copy / "manifest.json").write_text('{"format": "gpt2deploy-package", ')
     _fails(cli("verify", built_copy), "manifest.json", "is not valid JSON", "re-create the package")
     r = cli("inspect", built_copy)
-    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "is not valid JSON" in r.stderr and "Traceback" not in r.output
+    assert (
+        r.exit_code == 2
+        and r.stderr.startswith("error: ")
+        and "is not valid JSON" in r.stderr
+        and "Traceback" not in r.output
+    )
     with pytest.raises(PackageError, match="not valid JSON"):
         Package.open(built_copy)
 
 
 @pytest.mark.parametrize(
     "version, needle",
-    [(99, "schema_version 99, newer than this gpt2deploy"), (0, "unknown schema_version 0"), ("1", "unknown schema_version '1'"), (None, "unknown schema_version None")],
+    [
+        (99, "schema_version 99, newer than this gpt2deploy"),
+        (0, "unknown schema_version 0"),
+        ("1", "unknown schema_version '1'"),
+        (None, "unknown schema_version None"),
+    ],
 )
 def test_unknown_schema_version_refused(built_copy, cli, version, needle):
     _edit_manifest(built_copy, lambda m: m.__setitem__("schema_version", version))
@@ -202,7 +231,11 @@ def test_unknown_schema_version_refused(built_copy, cli, version, needle):
 def test_package_path_is_a_file_or_missing(built_copy, tmp_path, cli):
     for cmd in ("verify", "inspect"):
         r = cli(cmd, built_copy / "manifest.json")
-        assert r.exit_code == 2 and r.stderr == f"error: package path {built_copy / 'manifest.json'} is a file; pass the package directory\n"
+        assert (
+            r.exit_code == 2
+            and r.stderr
+            == f"error: package path {built_copy / 'manifest.json'} is a file; pass the package directory\n"
+        )
         r = cli(cmd, tmp_path / "nope")
         assert r.exit_code == 2 and "does not exist" in r.stderr and "Traceback" not in r.output
     (tmp_path / "empty").mkdir()
@@ -211,6 +244,7 @@ def test_package_path_is_a_file_or_missing(built_copy, tmp_path, cli):
 
 
 # -- the runtime alone: no torch, no onnx ---------------------------------------------------------
+
 
 def test_verify_and_load_without_torch_or_onnx(built_package, tmp_path):
     script = r"""
@@ -228,8 +262,13 @@ text = m.generate("The assert statement", max_new_tokens=8)
 assert isinstance(text, str) and text, text
 print("GENERATED", m.variant, repr(text))
 """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", script, str(built_package)], capture_output=True, text=True, env=env, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(built_package)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     from gpt2deploy.runtime.select import select_variant
 

@@ -4,11 +4,12 @@ Between releases, a metric may get worse than the baseline report by at most its
 (``gates.GATES[name].tolerance``, overridable with ``--threshold NAME.tol=VALUE``), even when it still
 passes its absolute gate.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..errors import UsageError
 from .gates import GATES, _fmt
@@ -24,7 +25,9 @@ def load_baseline(path: str | Path) -> dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"baseline {p} is not valid JSON ({e}); pass a report written by 'gpt2deploy check --json'") from None
+        raise UsageError(
+            f"baseline {p} is not valid JSON ({e}); pass a report written by 'gpt2deploy check --json'"
+        ) from None
     except OSError as e:
         raise UsageError(f"cannot read baseline {p} ({e.strerror or e}); check its permissions") from None
     return validate_baseline(data, str(p))
@@ -34,7 +37,9 @@ def validate_baseline(data, where: str = "baseline") -> dict:
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise UsageError(f"{where} is not a gpt2deploy check report; pass a file written by 'gpt2deploy check --json'")
     if data.get("version") != REPORT_VERSION:
-        raise UsageError(f"{where} is a check report of version {data.get('version')!r} (this gpt2deploy reads {REPORT_VERSION}); re-create it with this version")
+        raise UsageError(
+            f"{where} is a check report of version {data.get('version')!r} (this gpt2deploy reads {REPORT_VERSION}); re-create it with this version"
+        )
     for key in ("model", "text", "variants"):
         if not isinstance(data.get(key), dict):
             raise UsageError(f"{where} lacks the '{key}' section; re-create it with 'gpt2deploy check --json'")
@@ -70,5 +75,7 @@ def compare(metrics: Mapping, base_metrics: Mapping, tolerances: Mapping[str, fl
         tol = tolerances[name]
         detail[name] = {"baseline": base, "value": value, "worse_by": worse, "tolerance": tol}
         if worse > tol:
-            failures.append(f"{name} {_fmt(value)} is worse than the baseline's {_fmt(base)} by {_fmt(worse)} (tolerance {_fmt(tol)})")
+            failures.append(
+                f"{name} {_fmt(value)} is worse than the baseline's {_fmt(base)} by {_fmt(worse)} (tolerance {_fmt(tol)})"
+            )
     return failures, detail

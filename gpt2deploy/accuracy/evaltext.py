@@ -4,6 +4,7 @@ The default text is the language-reference prose shipped with Python itself (``p
 needs no download. It is normalised (indentation and runs of spaces collapsed) and joined in sorted topic order,
 so the same Python version always yields the same text; its sha256 is recorded with every report.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,7 +91,7 @@ class EvalText:
         stream = self.stream
         n = GREEDY_PROMPTS
         starts = np.linspace(0, stream.size - p, n).astype(np.int64)
-        return np.stack([stream[s:s + p] for s in starts]), new
+        return np.stack([stream[s : s + p] for s in starts]), new
 
 
 def tokenize(text: str, source: str, tokenizer_path: str | Path, n_positions: int, max_tokens: int | None) -> EvalText:
@@ -100,7 +101,9 @@ def tokenize(text: str, source: str, tokenizer_path: str | Path, n_positions: in
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     window = window_length(n_positions)
     if max_tokens < window:
-        raise UsageError(f"--max-tokens {max_tokens} is shorter than one window ({window} tokens); pass at least {window}")
+        raise UsageError(
+            f"--max-tokens {max_tokens} is shorter than one window ({window} tokens); pass at least {window}"
+        )
     tok = Tokenizer.from_file(str(tokenizer_path))
     need = (max_tokens // window) * window
     ids = _encode_prefix(tok, text, need)

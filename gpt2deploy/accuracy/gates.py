@@ -4,11 +4,12 @@ Defaults come from measurements on a trained GPT-2 (4 layers, 256 hidden) over t
 the README's "Accuracy gates" table lists the measured values behind each threshold. fp32 and fp16 are held to
 numerical noise; int8 and int4 to what a sound quantization achieves, with headroom, so that a broken one fails.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from ..errors import UsageError
 
@@ -73,20 +74,56 @@ GATES: dict[str, Gate] = {
 #: 90.9%); scaled by 1.1 (KL mean 2.7e-3 on 1024 tokens, like a plain quantize_dynamic) they pass.
 DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": {
-        "ppl_delta": 1e-4, "top1": 0.999, "top5": 0.999, "kl_mean": 1e-6, "kl_p99": 1e-5,
-        "logit_max": 1e-3, "logit_p99": 5e-4, "nonfinite": 0, "greedy": 0.9, "cache_diff": 1e-3, "batch_diff": 1e-3,
+        "ppl_delta": 1e-4,
+        "top1": 0.999,
+        "top5": 0.999,
+        "kl_mean": 1e-6,
+        "kl_p99": 1e-5,
+        "logit_max": 1e-3,
+        "logit_p99": 5e-4,
+        "nonfinite": 0,
+        "greedy": 0.9,
+        "cache_diff": 1e-3,
+        "batch_diff": 1e-3,
     },
     "fp16": {
-        "ppl_delta": 1e-3, "top1": 0.995, "top5": 0.995, "kl_mean": 2e-5, "kl_p99": 1e-4,
-        "logit_max": 0.1, "logit_p99": 0.05, "nonfinite": 0, "greedy": 0.75, "cache_diff": 0.03, "batch_diff": 0.03,
+        "ppl_delta": 1e-3,
+        "top1": 0.995,
+        "top5": 0.995,
+        "kl_mean": 2e-5,
+        "kl_p99": 1e-4,
+        "logit_max": 0.1,
+        "logit_p99": 0.05,
+        "nonfinite": 0,
+        "greedy": 0.75,
+        "cache_diff": 0.03,
+        "batch_diff": 0.03,
     },
     "int8": {
-        "ppl_delta": 0.02, "top1": 0.94, "top5": 0.93, "kl_mean": 6e-3, "kl_p99": 0.03,
-        "logit_max": 2.0, "logit_p99": 1.5, "nonfinite": 0, "greedy": 0.25, "cache_diff": 1.0, "batch_diff": 1.5,
+        "ppl_delta": 0.02,
+        "top1": 0.94,
+        "top5": 0.93,
+        "kl_mean": 6e-3,
+        "kl_p99": 0.03,
+        "logit_max": 2.0,
+        "logit_p99": 1.5,
+        "nonfinite": 0,
+        "greedy": 0.25,
+        "cache_diff": 1.0,
+        "batch_diff": 1.5,
     },
     "int4": {
-        "ppl_delta": 0.06, "top1": 0.84, "top5": 0.85, "kl_mean": 0.04, "kl_p99": 0.2,
-        "logit_max": 6.0, "logit_p99": 5.0, "nonfinite": 0, "greedy": 0.1, "cache_diff": 1.0, "batch_diff": 1.5,
+        "ppl_delta": 0.06,
+        "top1": 0.84,
+        "top5": 0.85,
+        "kl_mean": 0.04,
+        "kl_p99": 0.2,
+        "logit_max": 6.0,
+        "logit_p99": 5.0,
+        "nonfinite": 0,
+        "greedy": 0.1,
+        "cache_diff": 1.0,
+        "batch_diff": 1.5,
     },
 }
 #: Precisions without their own table use the loosest one.

@@ -5,6 +5,7 @@ float64, so results are deterministic and exact where they must be (identical lo
 The reference's softmax is computed once per window (``ReferenceLogits``) and shared by every variant.
 Per-position quantities (KL, largest absolute logit difference) are kept so percentiles cover every position.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ class ReferenceLogits:
     top: np.ndarray  # int64 [n, TOP_K]
 
     @classmethod
-    def of(cls, logits: np.ndarray) -> "ReferenceLogits":
+    def of(cls, logits: np.ndarray) -> ReferenceLogits:
         x = np.ascontiguousarray(logits, dtype=np.float32)
         if x.ndim != 2:
             raise ValueError(f"logits must be [positions, vocab], got shape {x.shape}")

@@ -4,6 +4,7 @@ Each probe takes models with ``forward(ids, mask, pos, past) -> (logits, present
 runs them on tokens of the evaluation text (teacher-forced where a probe needs identical inputs), and returns
 plain numbers. Probes also count non-finite logits so a NaN anywhere fails the check.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -62,7 +63,7 @@ def cache_vs_recompute(model, tokens: np.ndarray, counter: Counter | None = None
     counter.see(logits)
     worst = float(np.max(np.abs(logits[0, -1] - full[0, start - 1])))
     for i in range(start, length):
-        logits, past = model.forward(tokens[:, i:i + 1], np.ones((1, i + 1), np.int64), past=past)
+        logits, past = model.forward(tokens[:, i : i + 1], np.ones((1, i + 1), np.int64), past=past)
         counter.see(logits)
         worst = max(worst, float(np.max(np.abs(logits[0, -1] - full[0, i]))))
     return worst
@@ -82,8 +83,8 @@ def batch_vs_single(model, rows: list[np.ndarray], pad_id: int, counter: Counter
     ids = np.full((len(rows), width), pad_id, np.int64)
     mask = np.zeros((len(rows), width), np.int64)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     logits, past = model.forward(ids, mask)
     batch_prompt = counter.see(logits)
     batch_steps = []
@@ -93,12 +94,14 @@ def batch_vs_single(model, rows: list[np.ndarray], pad_id: int, counter: Counter
         logits, past = model.forward(nxt, mask, past=past)
         batch_steps.append(counter.see(logits)[:, -1])
     worst = 0.0
-    for i, (r, p) in enumerate(zip(rows, prompts)):
+    for i, (r, p) in enumerate(zip(rows, prompts, strict=False)):
         single, spast = model.forward(p[None])
         counter.see(single)
-        worst = max(worst, float(np.max(np.abs(batch_prompt[i, width - len(p):] - single[0]))))
+        worst = max(worst, float(np.max(np.abs(batch_prompt[i, width - len(p) :] - single[0]))))
         for s in range(steps):
-            single, spast = model.forward(r[None, len(p) + s:len(p) + s + 1], np.ones((1, len(p) + s + 1), np.int64), past=spast)
+            single, spast = model.forward(
+                r[None, len(p) + s : len(p) + s + 1], np.ones((1, len(p) + s + 1), np.int64), past=spast
+            )
             counter.see(single)
             worst = max(worst, float(np.max(np.abs(batch_steps[s][i] - single[0, -1]))))
     return worst
@@ -111,7 +114,7 @@ def batch_rows(stream: np.ndarray, window: int) -> list[np.ndarray]:
     for i, frac in enumerate(BATCH_FRACTIONS):
         length = max(BATCH_STEPS + 2, int(window * frac) // 2)
         start = (i * (stream.size - length)) // max(1, n - 1) if stream.size > length else 0
-        rows.append(stream[start:start + length])
+        rows.append(stream[start : start + length])
     return rows
 
 

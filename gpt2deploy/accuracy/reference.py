@@ -5,6 +5,7 @@ variant), or a Hugging Face checkpoint directory run in PyTorch (needs the ``exp
 transformers are imported only here). Every model offers ``forward(ids, mask, pos, past) -> (logits, present)``
 and ``empty_past(batch)`` over numpy arrays.
 """
+
 from __future__ import annotations
 
 import os
@@ -82,7 +83,12 @@ class TorchModel:
         mask = np.ones((batch, total), np.int64) if mask is None else np.asarray(mask, np.int64)
         pos = positions_from_mask(mask)[:, -seq:] if pos is None else np.asarray(pos, np.int64)
         with torch.no_grad():
-            out = self.fn(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), [torch.from_numpy(np.ascontiguousarray(p)) for p in past])
+            out = self.fn(
+                torch.from_numpy(ids),
+                torch.from_numpy(mask),
+                torch.from_numpy(pos),
+                [torch.from_numpy(np.ascontiguousarray(p)) for p in past],
+            )
         out = [t.numpy() for t in out]
         return out[0], out[1:]
 
@@ -124,11 +130,15 @@ def open_reference(pkg: Package, reference: str | os.PathLike, device: str = "cp
         other_dims = _dims_of_package(other)
         check_same_model_shape(pkg, other_dims, f"package {path}")
         if "fp32" not in other.variants:
-            raise UsageError(f"reference package {path} has no fp32 variant; pass a package exported with 'gpt2deploy export'")
+            raise UsageError(
+                f"reference package {path} has no fp32 variant; pass a package exported with 'gpt2deploy export'"
+            )
         desc = {"kind": "package", "variant": "fp32", "source": str(other.root)}
         return OnnxModel(other, "fp32", device, threads), desc
     if not (path / "config.json").is_file():
-        raise UsageError(f"reference {path} is neither a gpt2deploy package nor a Hugging Face checkpoint (no config.json)")
+        raise UsageError(
+            f"reference {path} is neither a gpt2deploy package nor a Hugging Face checkpoint (no config.json)"
+        )
     _check_config_dims(pkg, path)
     model = TorchModel(str(path))
     check_same_model_shape(pkg, model.dims_dict, f"checkpoint {path}")
@@ -143,7 +153,9 @@ def _check_config_dims(pkg: Package, path: Path) -> None:
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"reference {path / 'config.json'} is not readable JSON ({e}); pass a valid checkpoint directory") from None
+        raise UsageError(
+            f"reference {path / 'config.json'} is not readable JSON ({e}); pass a valid checkpoint directory"
+        ) from None
     if not isinstance(cfg, dict):
         raise UsageError(f"reference {path / 'config.json'} is not a model config; pass a valid checkpoint directory")
     n_embd = cfg.get("n_embd", cfg.get("hidden_size"))

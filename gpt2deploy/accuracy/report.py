@@ -1,4 +1,5 @@
 """Check reports: the JSON document (``--json``, ``--baseline``) and the human table."""
+
 from __future__ import annotations
 
 import math
@@ -85,7 +86,7 @@ def format_table(report: dict) -> str:
     rows.append(["result", *["PASS" if variants[n]["passed"] else "FAIL" for n in names]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
     for n in names:
         for f in variants[n]["failures"]:
             lines.append(f"{n}: {f}")
@@ -93,5 +94,7 @@ def format_table(report: dict) -> str:
             lines.append(f"{n}: note: {note}")
     verdict = "PASS" if report["passed"] else "FAIL"
     failed = [n for n in names if not variants[n]["passed"]]
-    lines.append(f"{verdict}: " + (f"{', '.join(failed)} regressed" if failed else f"{', '.join(names)} within the gates"))
+    lines.append(
+        f"{verdict}: " + (f"{', '.join(failed)} regressed" if failed else f"{', '.join(names)} within the gates")
+    )
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 Everything here measures the runtime's own generation loop (``model.generate_ids``), the loop users run.
 """
+
 from __future__ import annotations
 
 from .runner import bench_package

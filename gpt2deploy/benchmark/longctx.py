@@ -3,6 +3,7 @@
 Attention cost grows with the position, so a runtime whose decode step copies or recomputes the cache slows
 down far more than one that does not. Each point uses the same generation loop as the main measurement.
 """
+
 from __future__ import annotations
 
 from .measure import generate_timed
@@ -25,8 +26,18 @@ def curve_positions(n_positions: int, steps: int, points: int, first: int = 32) 
     return out
 
 
-def measure_curve(model, n_positions: int, vocab_size: int, batch: int = 1, steps: int = 16, points: int = 8,
-                  repeat: int = 1, seed: int = 0, avoid: tuple[int, ...] = (), progress=None) -> list[dict]:
+def measure_curve(
+    model,
+    n_positions: int,
+    vocab_size: int,
+    batch: int = 1,
+    steps: int = 16,
+    points: int = 8,
+    repeat: int = 1,
+    seed: int = 0,
+    avoid: tuple[int, ...] = (),
+    progress=None,
+) -> list[dict]:
     """``[{"position", "end", "decode_tok_s", "decode_ms_per_step", "prefill_ms"}]`` in increasing position.
 
     With ``repeat`` > 1 each point is the run with the median decode time.
@@ -35,7 +46,9 @@ def measure_curve(model, n_positions: int, vocab_size: int, batch: int = 1, step
     positions = curve_positions(n_positions, steps, points)
     for i, p in enumerate(positions):
         prompts = synthetic_prompts(batch, p, vocab_size, seed=seed + 1 + i, avoid=avoid)
-        runs = sorted((generate_timed(model, prompts, steps + 1) for _ in range(repeat)), key=lambda r: r.decode_seconds)
+        runs = sorted(
+            (generate_timed(model, prompts, steps + 1) for _ in range(repeat)), key=lambda r: r.decode_seconds
+        )
         run = runs[len(runs) // 2]
         point = {
             "position": p,

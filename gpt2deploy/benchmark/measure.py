@@ -5,6 +5,7 @@ tokens per row (EOS is ignored). TTFT is the prompt step plus choosing the first
 the remaining ``new_tokens - 1`` tokens per row over the time of the decode steps; end-to-end tok/s counts all
 new tokens over the wall-clock time of the call.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,8 +53,13 @@ def generate_timed(model, prompts: list[list[int]], new_tokens: int) -> RunTimin
     t = result.timings
     # time to first token: buffers for the cache + the prompt step + choosing the token
     ttft = float(t.get("setup_seconds", 0.0)) + float(t["prefill_seconds"])
-    return RunTiming(ttft=ttft, decode_seconds=float(t["decode_seconds"]), total_seconds=total,
-                     new_tokens=new_tokens, batch=len(prompts))
+    return RunTiming(
+        ttft=ttft,
+        decode_seconds=float(t["decode_seconds"]),
+        total_seconds=total,
+        new_tokens=new_tokens,
+        batch=len(prompts),
+    )
 
 
 def measure_runs(model, prompts: list[list[int]], new_tokens: int, repeat: int, warmup: int = 1, progress=None) -> dict:
@@ -68,15 +74,22 @@ def measure_runs(model, prompts: list[list[int]], new_tokens: int, repeat: int, 
         runs.append(run)
         if progress:
             dec = f"{run.decode_tok_s:.1f}" if run.decode_tok_s is not None else "n/a"
-            progress(f"run {i + 1}/{repeat}: TTFT {run.ttft_ms:.1f} ms, decode {dec} tok/s, end-to-end {run.e2e_tok_s:.1f} tok/s")
+            progress(
+                f"run {i + 1}/{repeat}: TTFT {run.ttft_ms:.1f} ms, decode {dec} tok/s, end-to-end {run.e2e_tok_s:.1f} tok/s"
+            )
     decode = [r.decode_tok_s for r in runs if r.decode_tok_s is not None]
     return {
         "ttft_ms": summarize([r.ttft_ms for r in runs]),
         "decode_tok_s": summarize(decode) if decode else None,
         "e2e_tok_s": summarize([r.e2e_tok_s for r in runs]),
         "samples": [
-            {"ttft_ms": r.ttft_ms, "decode_tok_s": r.decode_tok_s, "e2e_tok_s": r.e2e_tok_s,
-             "decode_seconds": r.decode_seconds, "total_seconds": r.total_seconds}
+            {
+                "ttft_ms": r.ttft_ms,
+                "decode_tok_s": r.decode_tok_s,
+                "e2e_tok_s": r.e2e_tok_s,
+                "decode_seconds": r.decode_seconds,
+                "total_seconds": r.total_seconds,
+            }
             for r in runs
         ],
     }

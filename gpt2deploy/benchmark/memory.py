@@ -4,6 +4,7 @@ Peak RSS comes from Linux's ``VmHWM``, which can be reset between variants (``/p
 each variant gets its own peak. Where that is unavailable a psutil sampling thread records the peak, and
 without psutil ``resource.getrusage`` gives the whole-process peak (``method`` says which was used).
 """
+
 from __future__ import annotations
 
 import os
@@ -60,7 +61,7 @@ class PeakRss:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def start(self) -> "PeakRss":
+    def start(self) -> PeakRss:
         self.start_rss = current_rss()
         if _reset_hwm():
             self.method = "VmHWM"
@@ -104,7 +105,7 @@ class PeakRss:
             self._thread = None
         return self.peak
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -149,7 +150,10 @@ def gpu_memory(device: str) -> dict | None:
                 if proc.pid == pid and proc.usedGpuMemory is not None:
                     used = int(proc.usedGpuMemory)
             total = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            result = {"device_used_mb": round(int(total.used) / MB, 1), "device_total_mb": round(int(total.total) / MB, 1)}
+            result = {
+                "device_used_mb": round(int(total.used) / MB, 1),
+                "device_total_mb": round(int(total.total) / MB, 1),
+            }
             if used is not None:
                 result["used_mb"] = round(used / MB, 1)
             return result

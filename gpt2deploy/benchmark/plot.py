@@ -1,4 +1,5 @@
 """PNG of the long-context curve: decode tok/s versus position, one line per variant (matplotlib, imported lazily)."""
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,9 @@ def plot_curves(report: dict, out: str | os.PathLike) -> Path:
         ax.set_ylabel("decode tokens/s")
         ax.set_ylim(bottom=0)
         ax.set_xlim(left=0, right=report["model"]["n_positions"])
-        ax.set_title(f"Decode speed vs position (batch {cfg['batch']}, {cfg['device']}, threads {cfg['threads'] or 'default'})")
+        ax.set_title(
+            f"Decode speed vs position (batch {cfg['batch']}, {cfg['device']}, threads {cfg['threads'] or 'default'})"
+        )
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()

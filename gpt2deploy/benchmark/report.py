@@ -1,4 +1,5 @@
 """Human-readable tables of a bench report (the JSON report is the dict itself)."""
+
 from __future__ import annotations
 
 
@@ -23,8 +24,14 @@ def format_report(report: dict) -> str:
     gpu = False
     for name, v in report["variants"].items():
         mem = v["memory"]
-        row = [name, f"{v['file_mb']:.1f}", _spread(v["ttft_ms"]), _spread(v["decode_tok_s"]), _spread(v["e2e_tok_s"]),
-               f"{mem['peak_rss_mb']:.0f}"]
+        row = [
+            name,
+            f"{v['file_mb']:.1f}",
+            _spread(v["ttft_ms"]),
+            _spread(v["decode_tok_s"]),
+            _spread(v["e2e_tok_s"]),
+            f"{mem['peak_rss_mb']:.0f}",
+        ]
         g = mem.get("gpu")
         if g is not None:
             gpu = True
@@ -37,7 +44,11 @@ def format_report(report: dict) -> str:
         lines.append(f"{name}: not measured ({why})")
     curves = {n: v["long_context"] for n, v in report["variants"].items() if v.get("long_context")}
     if curves:
-        lines += ["", f"long context: decode tok/s after a prompt of N tokens ({cfg['curve_steps']} timed steps each)", ""]
+        lines += [
+            "",
+            f"long context: decode tok/s after a prompt of N tokens ({cfg['curve_steps']} timed steps each)",
+            "",
+        ]
         positions = sorted({p["position"] for c in curves.values() for p in c})
         rows = []
         for pos in positions:
@@ -52,5 +63,5 @@ def format_report(report: dict) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))  # noqa: E731
     return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]

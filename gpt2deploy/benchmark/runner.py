@@ -1,4 +1,5 @@
 """Benchmark the variants of one package: load each, warm up, time repeated runs, then the long-context curve."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,10 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
         if not names:
             from ..errors import VariantError
 
-            raise VariantError(f"no variant of {package.root} runs on {device} ({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); "
-                               "pass --variant to measure one anyway")
+            raise VariantError(
+                f"no variant of {package.root} runs on {device} ({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); "
+                "pass --variant to measure one anyway"
+            )
     elif config.variants:
         names = list(dict.fromkeys(config.variants))
         for name in names:
@@ -52,8 +55,13 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
     prompts = synthetic_prompts(config.batch, config.prompt_tokens, dims.vocab_size, seed=config.seed, avoid=avoid)
     report = {
         "package": str(package.root),
-        "model": {"n_layer": dims.n_layer, "n_head": dims.n_head, "hidden_size": dims.hidden_size,
-                  "vocab_size": dims.vocab_size, "n_positions": dims.n_positions},
+        "model": {
+            "n_layer": dims.n_layer,
+            "n_head": dims.n_head,
+            "hidden_size": dims.hidden_size,
+            "vocab_size": dims.vocab_size,
+            "n_positions": dims.n_positions,
+        },
         "config": {**config.as_dict(), "device": device},
         "machine": _machine(),
         "variants": {},
@@ -66,13 +74,21 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
         release_freed_memory()  # what the previous variant freed must not count in this one's peak
         tracker = PeakRss().start()
         t0 = time.perf_counter()
-        model = gpt2deploy.load(package.root, variant=requested, device=device, threads=config.threads, verify=config.verify)
+        model = gpt2deploy.load(
+            package.root, variant=requested, device=device, threads=config.threads, verify=config.verify
+        )
         load_seconds = time.perf_counter() - t0
         name = model.variant
         say(f"[bench] {name}: loaded in {load_seconds:.2f}s on {model.device}")
         rss_loaded = current_rss()
-        runs = measure_runs(model, prompts, config.new_tokens, config.repeat, config.warmup,
-                            progress=lambda m, n=name: say(f"[bench] {n}: {m}"))
+        runs = measure_runs(
+            model,
+            prompts,
+            config.new_tokens,
+            config.repeat,
+            config.warmup,
+            progress=lambda m, n=name: say(f"[bench] {n}: {m}"),
+        )
         entry = {
             "variant": name,
             "device": model.device,
@@ -83,8 +99,15 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
         }
         if config.long_context:
             entry["long_context"] = measure_curve(
-                model, dims.n_positions, dims.vocab_size, batch=config.batch, steps=config.curve_steps,
-                points=config.curve_points, repeat=config.curve_repeat, seed=config.seed, avoid=avoid,
+                model,
+                dims.n_positions,
+                dims.vocab_size,
+                batch=config.batch,
+                steps=config.curve_steps,
+                points=config.curve_points,
+                repeat=config.curve_repeat,
+                seed=config.seed,
+                avoid=avoid,
                 progress=lambda m, n=name: say(f"[bench] {n}: {m}"),
             )
         peak = tracker.stop()
@@ -130,4 +153,3 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
     }
-

@@ -1,4 +1,5 @@
 """Robust summaries of repeated measurements: median and spread (min, max, interquartile range)."""
+
 from __future__ import annotations
 
 import statistics

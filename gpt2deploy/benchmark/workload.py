@@ -1,4 +1,5 @@
 """The benchmark workload: sizes, their validation against the model, and deterministic synthetic prompts."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -34,8 +35,16 @@ class BenchConfig:
 
     def validate(self) -> None:
         """Checks that need no model: every size must be a positive count."""
-        for name, minimum in (("prompt_tokens", 1), ("new_tokens", 1), ("batch", 1), ("repeat", 1), ("warmup", 0),
-                              ("curve_points", 1), ("curve_steps", 1), ("curve_repeat", 1)):
+        for name, minimum in (
+            ("prompt_tokens", 1),
+            ("new_tokens", 1),
+            ("batch", 1),
+            ("repeat", 1),
+            ("warmup", 0),
+            ("curve_points", 1),
+            ("curve_steps", 1),
+            ("curve_repeat", 1),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 flag = "--" + name.replace("_", "-")
@@ -64,7 +73,9 @@ class BenchConfig:
             )
 
 
-def synthetic_prompts(batch: int, length: int, vocab_size: int, seed: int = 0, avoid: tuple[int, ...] = ()) -> list[list[int]]:
+def synthetic_prompts(
+    batch: int, length: int, vocab_size: int, seed: int = 0, avoid: tuple[int, ...] = ()
+) -> list[list[int]]:
     """``batch`` deterministic prompts of ``length`` token ids (same seed -> same ids on every machine).
 
     Ids in ``avoid`` (e.g. EOS) are never drawn. Speed does not depend on which ids they are.

@@ -1,13 +1,17 @@
 """`gpt2deploy` command line: thin commands that parse, call the library and print."""
+
 from __future__ import annotations
 
+from . import (  # noqa: F401
+    bench,  # noqa: F401
+    build,
+    check,  # noqa: F401
+    export,  # noqa: F401  (registers commands)
+    package,
+    quantize,  # noqa: F401
+    run,  # noqa: F401
+)
 from .app import app
-from . import export  # noqa: F401  (registers commands)
-from . import build, package  # noqa: F401
-from . import bench  # noqa: F401
-from . import check  # noqa: F401
-from . import quantize  # noqa: F401
-from . import run  # noqa: F401
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
 """The Typer application and the error boundary shared by every command."""
+
 from __future__ import annotations
 
 import functools
@@ -24,7 +25,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (Gpt2DeployError, ExportError, QuantError)
 
 
-def fail(message: str, code: int = 2) -> "typer.Exit":
+def fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
@@ -92,6 +93,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Export, quantize, check, package and run GPT-2-family models on ONNX Runtime."""

@@ -1,9 +1,9 @@
 """`gpt2deploy bench PACKAGE`: TTFT, decode and end-to-end tok/s, peak memory and the long-context curve."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -14,23 +14,33 @@ from .app import app, command, output_file, say
 @command
 def bench_cmd(
     package: Path = typer.Argument(..., help="Package directory."),
-    variant: Optional[List[str]] = typer.Option(None, "--variant", "-v", help="Variant to measure (repeatable). Default: the one 'run' would pick."),
+    variant: list[str] | None = typer.Option(
+        None, "--variant", "-v", help="Variant to measure (repeatable). Default: the one 'run' would pick."
+    ),
     all_variants: bool = typer.Option(False, "--all", help="Measure every variant in the package."),
     prompt_tokens: int = typer.Option(32, help="Prompt length in tokens (synthetic, deterministic ids)."),
     new_tokens: int = typer.Option(128, help="Tokens generated per run (EOS ignored, always exactly this many)."),
     batch: int = typer.Option(1, help="Prompts per call."),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     repeat: int = typer.Option(5, help="Timed runs per variant (after the warm-up); median and spread are reported."),
     warmup: int = typer.Option(1, help="Untimed warm-up runs per variant."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON to this file ('-' for stdout)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the long-context curve (decode tok/s vs position) as a PNG."),
-    long_context: bool = typer.Option(True, "--long-context/--no-long-context", help="Measure decode tok/s at positions up to the context length."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Write the full report as JSON to this file ('-' for stdout)."
+    ),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write the long-context curve (decode tok/s vs position) as a PNG."
+    ),
+    long_context: bool = typer.Option(
+        True, "--long-context/--no-long-context", help="Measure decode tok/s at positions up to the context length."
+    ),
     curve_points: int = typer.Option(8, help="Positions sampled on the long-context curve."),
     curve_steps: int = typer.Option(16, help="Decode steps timed at each position of the curve."),
     curve_repeat: int = typer.Option(1, help="Runs per curve position (the median is kept)."),
     seed: int = typer.Option(0, help="Seed of the synthetic prompt ids."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of the package files when loading."),
+    no_verify: bool = typer.Option(
+        False, "--no-verify", help="Skip the sha256 check of the package files when loading."
+    ),
 ) -> None:
     """Benchmark a package's variants with the runtime's own generation loop."""
     from ..benchmark import BenchConfig, bench_package
@@ -42,9 +52,20 @@ def bench_cmd(
     if variant and all_variants:
         raise UsageError("pass either --variant or --all, not both")
     config = BenchConfig(
-        prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch, repeat=repeat, warmup=warmup, threads=threads,
-        device=device, long_context=long_context, curve_points=curve_points, curve_steps=curve_steps, curve_repeat=curve_repeat, seed=seed,
-        verify=not no_verify, variants=tuple(variant or ()),
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        batch=batch,
+        repeat=repeat,
+        warmup=warmup,
+        threads=threads,
+        device=device,
+        long_context=long_context,
+        curve_points=curve_points,
+        curve_steps=curve_steps,
+        curve_repeat=curve_repeat,
+        seed=seed,
+        verify=not no_verify,
+        variants=tuple(variant or ()),
     )
     config.validate()
     if json_out is not None:

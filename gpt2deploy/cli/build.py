@@ -1,8 +1,8 @@
 """`gpt2deploy build MODEL -o OUT`: export, quantize, check and package in one command."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -15,13 +15,27 @@ def build_cmd(
     model: str = typer.Argument(..., help="Local Hugging Face GPT-2 directory, or a hub id such as 'gpt2'."),
     out: Path = typer.Option(..., "-o", "--out", help="Package directory to write."),
     variants: str = typer.Option(
-        "fp32,int8,int4", "--variants", help="Comma-separated variants: fp32, int8, int4, fp16 (fp16 is for CUDA). fp32 is always built as the reference; it is shipped only when listed."
+        "fp32,int8,int4",
+        "--variants",
+        help="Comma-separated variants: fp32, int8, int4, fp16 (fp16 is for CUDA). fp32 is always built as the reference; it is shipped only when listed.",
     ),
-    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text to measure accuracy on (default: the checker's built-in English text)."),
-    allow_regression: bool = typer.Option(False, "--allow-regression", help="Keep variants that fail their accuracy gate (recorded as failed; auto-selection skips them)."),
-    threshold: List[str] = typer.Option([], "--threshold", help="Override an accuracy gate for every variant, NAME=VALUE (repeatable), e.g. top1=0.95; see 'gpt2deploy check --help'."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluation tokens for the accuracy check (default: the checker's)."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset for the export (default 18)."),
+    text: Path | None = typer.Option(
+        None, "--text", help="UTF-8 text to measure accuracy on (default: the checker's built-in English text)."
+    ),
+    allow_regression: bool = typer.Option(
+        False,
+        "--allow-regression",
+        help="Keep variants that fail their accuracy gate (recorded as failed; auto-selection skips them).",
+    ),
+    threshold: list[str] = typer.Option(
+        [],
+        "--threshold",
+        help="Override an accuracy gate for every variant, NAME=VALUE (repeatable), e.g. top1=0.95; see 'gpt2deploy check --help'.",
+    ),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", help="Evaluation tokens for the accuracy check (default: the checker's)."
+    ),
+    opset: int | None = typer.Option(None, help="ONNX opset for the export (default 18)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
 ) -> None:
     """Build a package: export -> quantize each variant -> check each against fp32 -> write it in one rename.
@@ -32,7 +46,16 @@ def build_cmd(
     from ..inspection import fmt_size
 
     result = build_package(
-        model, out, variants=variants, text=text, allow_regression=allow_regression, force=force, progress=say, thresholds=threshold or None, opset=opset, max_tokens=max_tokens
+        model,
+        out,
+        variants=variants,
+        text=text,
+        allow_regression=allow_regression,
+        force=force,
+        progress=say,
+        thresholds=threshold or None,
+        opset=opset,
+        max_tokens=max_tokens,
     )
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     say(f"[build] {timing}")
@@ -45,5 +68,8 @@ def build_cmd(
             say(f"warning: kept variants that failed their accuracy gate ({why}); auto-selection skips them")
         else:
             names = ", ".join(result.regressed)
-            typer.echo(f"error: {names} failed the accuracy gate and {'was' if len(result.rejected) == 1 else 'were'} not packaged ({why}); pass --allow-regression to keep {'it' if len(result.rejected) == 1 else 'them'}", err=True)
+            typer.echo(
+                f"error: {names} failed the accuracy gate and {'was' if len(result.rejected) == 1 else 'were'} not packaged ({why}); pass --allow-regression to keep {'it' if len(result.rejected) == 1 else 'them'}",
+                err=True,
+            )
             raise typer.Exit(1)

@@ -1,8 +1,8 @@
 """`gpt2deploy export MODEL -o OUT`."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,17 +14,21 @@ from .app import app, command, say
 def export_cmd(
     model: str = typer.Argument(..., help="Local Hugging Face GPT-2 directory, or a hub id such as 'gpt2'."),
     out: Path = typer.Option(..., "-o", "--out", help="Package directory to write."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset (18 to 23; default 18)."),
+    opset: int | None = typer.Option(None, help="ONNX opset (18 to 23; default 18)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
-    atol: Optional[float] = typer.Option(None, help="Parity tolerance on logits (default 1e-4)."),
+    atol: float | None = typer.Option(None, help="Parity tolerance on logits (default 1e-4)."),
     portable: bool = typer.Option(
-        False, "--portable", help="Keep the fp32 graph in plain ONNX ops (other runtimes, CUDA) instead of the CPU-optimized graph with fused attention and an in-place KV cache."
+        False,
+        "--portable",
+        help="Keep the fp32 graph in plain ONNX ops (other runtimes, CUDA) instead of the CPU-optimized graph with fused attention and an in-place KV cache.",
     ),
 ) -> None:
     """Export a GPT-2 checkpoint to an ONNX package with a KV-cache graph, validated against PyTorch."""
     from ..exporting import export_package
 
-    result = export_package(model, out, opset=opset, force=force, atol=atol, progress=lambda m: say(f"[export] {m}"), optimize=not portable)
+    result = export_package(
+        model, out, opset=opset, force=force, atol=atol, progress=lambda m: say(f"[export] {m}"), optimize=not portable
+    )
     fp32 = result.manifest["variants"]["fp32"]
     parity = fp32["parity"]
     say(

@@ -1,9 +1,9 @@
 """`gpt2deploy verify / inspect / triton PACKAGE`: check, describe and serve a package."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -28,10 +28,15 @@ def verify_cmd(
         for line in report.problems:
             typer.echo(f"FAIL {line}")
         n = len(report.problems)
-        typer.echo(f"error: package {report.root} failed verification ({n} problem{'s' if n > 1 else ''}); rebuild it with 'gpt2deploy build' or restore the files", err=True)
+        typer.echo(
+            f"error: package {report.root} failed verification ({n} problem{'s' if n > 1 else ''}); rebuild it with 'gpt2deploy build' or restore the files",
+            err=True,
+        )
         raise typer.Exit(1)
     graphs = f", {report.graphs_checked} graph I/O contracts ({report.graph_reader})" if report.graphs_checked else ""
-    typer.echo(f"ok {report.root}: {report.files_checked} files match their sha256{graphs}; variants {', '.join(report.variants)}")
+    typer.echo(
+        f"ok {report.root}: {report.files_checked} files match their sha256{graphs}; variants {', '.join(report.variants)}"
+    )
 
 
 @app.command("inspect")
@@ -56,16 +61,32 @@ def inspect_cmd(
 @command
 def triton_cmd(
     package: Path = typer.Argument(..., help="Package directory."),
-    repo: Path = typer.Option(..., "-o", "--out", help="Triton model repository directory (created if missing; other models are kept)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="Variant to serve (default: the one picked automatically for --device)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name in the repository (default: <model>_<variant>)."),
+    repo: Path = typer.Option(
+        ..., "-o", "--out", help="Triton model repository directory (created if missing; other models are kept)."
+    ),
+    variant: str | None = typer.Option(
+        None, "--variant", help="Variant to serve (default: the one picked automatically for --device)."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Model name in the repository (default: <model>_<variant>)."),
     device: str = typer.Option("cpu", "--device", help="Instance kind: cpu or cuda."),
     instances: int = typer.Option(1, "--instances", help="Model instances Triton runs in parallel."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads per instance."),
+    threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads per instance."),
     force: bool = typer.Option(False, "--force", help="Replace the model directory if it exists."),
 ) -> None:
     """Write a Triton Inference Server model (ONNX Runtime backend) for one variant of a package."""
     from ..triton import export_triton
 
-    result = export_triton(package, repo, variant=variant, name=name, device=device, instances=instances, threads=threads, force=force, progress=lambda m: say(f"[triton] {m}"))
-    typer.echo(f"wrote {result.model_dir} (variant {result.variant}); serve with: tritonserver --model-repository={result.model_dir.parent}")
+    result = export_triton(
+        package,
+        repo,
+        variant=variant,
+        name=name,
+        device=device,
+        instances=instances,
+        threads=threads,
+        force=force,
+        progress=lambda m: say(f"[triton] {m}"),
+    )
+    typer.echo(
+        f"wrote {result.model_dir} (variant {result.variant}); serve with: tritonserver --model-repository={result.model_dir.parent}"
+    )

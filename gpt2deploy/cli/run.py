@@ -1,4 +1,5 @@
 """`gpt2deploy run PACKAGE --prompt TEXT`: stream a continuation to stdout."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -33,18 +33,24 @@ def _silence_stdout() -> None:
 def run_cmd(
     package: Path = typer.Argument(..., help="Package directory (written by 'gpt2deploy export' or 'build')."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text, or '-' to read it from stdin."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 128, or what the context leaves)."),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", "-n", help="Tokens to generate (default 128, or what the context leaves)."
+    ),
     do_sample: bool = typer.Option(False, "--do-sample", help="Sample instead of greedy decoding."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (> 0)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1] (1 = off)."),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeats (1 = off)."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling (same seed, same text)."),
-    variant: Optional[str] = typer.Option(None, help="Variant to load (default: picked for the device)."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature (> 0)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1] (1 = off)."),
+    repetition_penalty: float | None = typer.Option(
+        None, "--repetition-penalty", help="> 1 discourages repeats (1 = off)."
+    ),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
+    seed: int | None = typer.Option(None, help="Random seed for sampling (same seed, same text)."),
+    variant: str | None = typer.Option(None, help="Variant to load (default: picked for the device)."),
     device: str = typer.Option("auto", help="cpu, cuda or auto (CUDA when available)."),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
-    truncate: bool = typer.Option(False, "--truncate", help="Drop the start of a prompt that does not fit the context."),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    truncate: bool = typer.Option(
+        False, "--truncate", help="Drop the start of a prompt that does not fit the context."
+    ),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating after the end-of-text token."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON result object instead of streaming text."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of the package files."),
@@ -80,7 +86,9 @@ def run_cmd(
 
     stream = model.stream(text, **opts)
     if stream.gen.dropped and stream.gen.dropped[0]:
-        say(f"[run] prompt left-truncated by {stream.gen.dropped[0]} tokens to fit the context of {model.dims.n_positions}")
+        say(
+            f"[run] prompt left-truncated by {stream.gen.dropped[0]} tokens to fit the context of {model.dims.n_positions}"
+        )
     if as_json:
         for _ in stream:
             pass
@@ -97,22 +105,27 @@ def run_cmd(
     t = result.timings
     tok_s = t.get("decode_tokens_per_second")
     if as_json:
-        typer.echo(json.dumps({
-            "text": result.texts[0],
-            "variant": model.variant,
-            "device": model.device,
-            "selection": model.selection_reason,
-            "prompt_tokens": result.prompt_tokens[0],
-            "new_tokens": result.new_tokens[0],
-            "finish_reason": result.finish_reasons[0],
-            "truncated_tokens": result.truncated[0] if result.truncated else 0,
-            "timings": {
-                "prefill_seconds": t["prefill_seconds"],
-                "decode_seconds": t["decode_seconds"],
-                "decode_steps": t["decode_steps"],
-            },
-            "tokens_per_second": tok_s,
-        }, ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {
+                    "text": result.texts[0],
+                    "variant": model.variant,
+                    "device": model.device,
+                    "selection": model.selection_reason,
+                    "prompt_tokens": result.prompt_tokens[0],
+                    "new_tokens": result.new_tokens[0],
+                    "finish_reason": result.finish_reasons[0],
+                    "truncated_tokens": result.truncated[0] if result.truncated else 0,
+                    "timings": {
+                        "prefill_seconds": t["prefill_seconds"],
+                        "decode_seconds": t["decode_seconds"],
+                        "decode_steps": t["decode_steps"],
+                    },
+                    "tokens_per_second": tok_s,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         speed = f", decode {tok_s:.1f} tok/s" if tok_s else ""
         say(

@@ -5,6 +5,7 @@ would compute alone. Rows finish independently (EOS, a stop string seen by the c
 on the CPU a finished row leaves the batch at the next step (``KVStepper.keep_rows``), elsewhere it keeps
 its slot and its tokens are ignored.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask
 
 
-def fit_context(rows: list[list[int]], opts: GenerationOptions, n_positions: int) -> tuple[list[list[int]], list[int], GenerationOptions]:
+def fit_context(
+    rows: list[list[int]], opts: GenerationOptions, n_positions: int
+) -> tuple[list[list[int]], list[int], GenerationOptions]:
     """Check prompt + max_new_tokens against the context; left-truncate only when ``opts.truncate``.
 
     Without an explicit ``max_new_tokens`` the budget is DEFAULT_MAX_NEW_TOKENS or what the context leaves.
@@ -75,7 +78,7 @@ def fit_context(rows: list[list[int]], opts: GenerationOptions, n_positions: int
                 f"prompt of {n} tokens + max_new_tokens {opts.max_new_tokens} exceeds the model's context of {n_positions} tokens; "
                 f"shorten the prompt, lower max_new_tokens, or allow left-truncation (--truncate / truncate=True)"
             )
-        rows = [r[d:] for r, d in zip(rows, dropped)]
+        rows = [r[d:] for r, d in zip(rows, dropped, strict=False)]
     return rows, dropped, opts
 
 

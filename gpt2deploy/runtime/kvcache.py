@@ -12,6 +12,7 @@ A tensor [batch, heads, n, head_dim] is the first batch*heads*n*head_dim element
 growing cache is always contiguous. On CUDA the buffers are device memory (OrtValues on 'cuda') and
 only ids, mask and positions cross to the device each step; logits come back to host memory for sampling.
 """
+
 from __future__ import annotations
 
 import time
@@ -95,7 +96,9 @@ class KVStepper:
         self.device_id = 0
         per = batch * d.n_head * capacity * d.head_dim
         self.shared = dec.kv_shared
-        self.sets = [[_Buffer(per, self.kv_dtype, self.device) for _ in dec.past_names] for _ in range(1 if self.shared else 2)]
+        self.sets = [
+            [_Buffer(per, self.kv_dtype, self.device) for _ in dec.past_names] for _ in range(1 if self.shared else 2)
+        ]
         self.ptrs = [[b.ptr for b in s] for s in self.sets]
         self.logits = np.empty((batch, 1, d.vocab_size), dtype=self.logits_dtype)
         self.mask = np.ones((batch, capacity), dtype=np.int64)
@@ -108,8 +111,8 @@ class KVStepper:
         self.cur = 0
         self.run_seconds = 0.0  # time spent inside session.run for decode steps
         self._bind_in, self._bind_out = _binders(self.io, self.device, self.device_id)
-        self._past = list(zip(dec.past_names, range(len(dec.past_names))))
-        self._present = list(zip(dec.present_names, range(len(dec.present_names))))
+        self._past = list(zip(dec.past_names, range(len(dec.past_names)), strict=False))
+        self._present = list(zip(dec.present_names, range(len(dec.present_names)), strict=False))
 
     # -- binding helpers ------------------------------------------------------------------
     def _bind_host(self, name: str, arr: np.ndarray) -> None:
@@ -120,7 +123,7 @@ class KVStepper:
         b, h, d = self.kv_shape
         shape = [b, h, self.capacity, d]
         dev, dt = self.device, self.kv_dtype
-        for (name, i), (out, _) in zip(self._past, self._present):
+        for (name, i), (out, _) in zip(self._past, self._present, strict=False):
             self._bind_in(name, dev, dt, shape, self.ptrs[0][i])
             self._bind_out(out, dev, dt, shape, self.ptrs[0][i])
 
@@ -167,13 +170,21 @@ class KVStepper:
             self._bind_host(LOGITS_TO_KEEP, self._one)
         for start in range(0, seq, chunk):
             end = min(seq, start + chunk)
-            part = (np.ascontiguousarray(ids[:, start:end]), np.ascontiguousarray(mask[:, :end]), np.ascontiguousarray(pos[:, start:end]))
+            part = (
+                np.ascontiguousarray(ids[:, start:end]),
+                np.ascontiguousarray(mask[:, :end]),
+                np.ascontiguousarray(pos[:, start:end]),
+            )
             self._keep = part  # bound by pointer: alive until the run is done
-            for name, arr in zip(("input_ids", "attention_mask", "position_ids"), part):
+            for name, arr in zip(("input_ids", "attention_mask", "position_ids"), part, strict=False):
                 self._bind_host(name, arr)
             if not self.shared:
                 self._bind_present(self._bind_cache(start), end)
-            logits = self.logits if self.dec.keeps_logits else np.empty((batch, end - start, self.logits.shape[-1]), self.logits_dtype)
+            logits = (
+                self.logits
+                if self.dec.keeps_logits
+                else np.empty((batch, end - start, self.logits.shape[-1]), self.logits_dtype)
+            )
             self._bind_out("logits", "cpu", logits.dtype, list(logits.shape), logits.ctypes.data)
             self.dec.session.run_with_iobinding(self.io)
             if not self.shared:
@@ -201,7 +212,7 @@ class KVStepper:
             fresh = [_Buffer(k * h * cap * d, self.kv_dtype, "cpu") for _ in bufs]
             if self.shared or i == self.cur:  # the other set of a concat cache is written before it is read
                 width = cap if self.shared else n  # a concat tensor is [b, h, n, d], a shared one [b, h, cap, d]
-                for old, new in zip(bufs, fresh):
+                for old, new in zip(bufs, fresh, strict=False):
                     src = old.value[: b * h * width * d].reshape(b, h, width, d)
                     new.value[: k * h * width * d].reshape(k, h, width, d)[:, :, :n] = src[rows, :, :n]
             sets.append(fresh)

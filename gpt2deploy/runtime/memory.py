@@ -15,6 +15,7 @@ counted. Linux only; a no-op elsewhere.
 
 ``trim_heap`` hands the heap's free memory back to the system (glibc) after the load's transients.
 """
+
 from __future__ import annotations
 
 import ctypes

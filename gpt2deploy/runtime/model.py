@@ -2,11 +2,12 @@
 
 Only onnxruntime, numpy and tokenizers are imported here (never torch, transformers or onnx).
 """
+
 from __future__ import annotations
 
 import threading
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -29,7 +30,9 @@ class AccuracyWarning(UserWarning):
     """The requested variant failed its accuracy gate."""
 
 
-def load(path, variant: str | None = None, device: str = "auto", threads: int | None = None, verify: bool = True) -> "Model":
+def load(
+    path, variant: str | None = None, device: str = "auto", threads: int | None = None, verify: bool = True
+) -> Model:
     """Open the package at ``path`` and load one variant into ONNX Runtime.
 
     ``variant=None`` picks one for the device (see ``select_variant``); ``device`` is 'auto', 'cpu' or 'cuda';
@@ -53,7 +56,9 @@ def load(path, variant: str | None = None, device: str = "auto", threads: int | 
                 "use --device cpu, the fp16 variant, or re-export with --portable"
             )
         if gate_failed(entry):
-            notes.append(f"variant {name} failed its accuracy gate (see 'gpt2deploy inspect'); its output may differ from fp32")
+            notes.append(
+                f"variant {name} failed its accuracy gate (see 'gpt2deploy inspect'); its output may differ from fp32"
+            )
             warnings.warn(notes[-1], AccuracyWarning, stacklevel=2)
     if verify:
         pkg.check_integrity([name])
@@ -64,9 +69,13 @@ def load(path, variant: str | None = None, device: str = "auto", threads: int | 
     try:
         tokenizer = Tokenizer.from_file(str(pkg.tokenizer_path))
     except Exception as e:  # the tokenizers library raises plain Exceptions
-        raise PackageError(f"{pkg.tokenizer_path} cannot be read ({str(e).splitlines()[0][:120]}); rebuild the package") from None
+        raise PackageError(
+            f"{pkg.tokenizer_path} cannot be read ({str(e).splitlines()[0][:120]}); rebuild the package"
+        ) from None
     if not pkg.variant_path(name).is_file():
-        raise VariantError(f"variant {name}'s graph {pkg.variant(name)['file']} is missing from {pkg.root}; rebuild the package")
+        raise VariantError(
+            f"variant {name}'s graph {pkg.variant(name)['file']} is missing from {pkg.root}; rebuild the package"
+        )
     try:
         session = DecoderSession(pkg, name, dev, threads)
     except UsageError:
@@ -145,7 +154,7 @@ class Model:
         result.texts = texts.finish()
         return result
 
-    def stream(self, prompt: str, **opts) -> "TextStream":
+    def stream(self, prompt: str, **opts) -> TextStream:
         """Yield text pieces as they are decoded; whole characters only. ``.result`` is set at the end."""
         if not isinstance(prompt, str):
             raise UsageError(f"stream takes one prompt string (got {type(prompt).__name__}); use generate for a batch")
@@ -170,7 +179,7 @@ class Model:
     def _generation(self, rows: list[list[int]], o: GenerationOptions) -> Generation:
         return Generation(self.session, rows, o)
 
-    def _stepper_for(self, gen: Generation) -> "_Lease":
+    def _stepper_for(self, gen: Generation) -> _Lease:
         return _Lease(self, gen.batch, gen.capacity)
 
 
@@ -273,7 +282,9 @@ def _as_rows(ids_list) -> list[list[int]]:
     for r in ids_list:
         if isinstance(r, np.ndarray):
             r = r.tolist()
-        if not isinstance(r, (list, tuple)) or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in r):
+        if not isinstance(r, (list, tuple)) or not all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in r
+        ):
             raise UsageError("generate_ids takes a list of lists of int token ids")
         rows.append([int(t) for t in r])
     return rows

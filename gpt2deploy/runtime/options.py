@@ -1,4 +1,5 @@
 """Generation options: defaults from the package, overrides from the caller, validated once per call."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -32,12 +33,23 @@ class GenerationOptions:
 
     @property
     def filters_logits(self) -> bool:
-        return self.repetition_penalty != 1.0 or (self.do_sample and (self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0))
+        return self.repetition_penalty != 1.0 or (
+            self.do_sample and (self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0)
+        )
 
 
 _NAMES = {f.name for f in fields(GenerationOptions)} - {"extra"}
 #: Keys of the package's generation defaults that the runtime honours.
-_FROM_DEFAULTS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id")
+_FROM_DEFAULTS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def _as_ids(value) -> tuple[int, ...]:
@@ -64,7 +76,9 @@ def build_options(defaults: dict, overrides: dict) -> GenerationOptions:
     """Merge the package's generation defaults with the caller's keyword options and validate them."""
     unknown = sorted(set(overrides) - _NAMES)
     if unknown:
-        raise UsageError(f"unknown generation option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(_NAMES))}")
+        raise UsageError(
+            f"unknown generation option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(_NAMES))}"
+        )
     values: dict = {}
     for key in _FROM_DEFAULTS:
         if defaults.get(key) is not None:
@@ -100,7 +114,9 @@ def validate(o: GenerationOptions) -> None:
         raise UsageError(f"repetition_penalty must be > 0 (1 disables it; got {o.repetition_penalty})")
     temperature = _number("temperature", o.temperature, float)
     if o.do_sample and not temperature > 0.0:
-        raise UsageError(f"temperature must be > 0 when sampling (got {o.temperature}); use greedy decoding (no --do-sample) for deterministic output")
+        raise UsageError(
+            f"temperature must be > 0 when sampling (got {o.temperature}); use greedy decoding (no --do-sample) for deterministic output"
+        )
     if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int) or o.seed < 0):
         raise UsageError(f"seed must be a non-negative integer (got {o.seed!r})")
     for s in o.stop:

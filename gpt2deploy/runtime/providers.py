@@ -1,4 +1,5 @@
 """Execution device -> ONNX Runtime providers."""
+
 from __future__ import annotations
 
 from ..errors import DeviceError, UsageError

@@ -7,6 +7,7 @@ tested against transformers). ``choose`` computes the same result per row on the
 cuts the vocabulary first, top-p sorts just enough of the most likely tokens to cover its mass, and the draw
 runs over the kept tokens, so a sampled step costs a few passes over the vocabulary, not a full sort.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -152,10 +153,14 @@ def sample_row(row: np.ndarray, opts: GenerationOptions, u: float) -> int:
     return int(j if idx is None else idx[j])
 
 
-def choose(logits: np.ndarray, opts: GenerationOptions, rng: np.random.Generator | None, seen: SeenTokens | None) -> np.ndarray:
+def choose(
+    logits: np.ndarray, opts: GenerationOptions, rng: np.random.Generator | None, seen: SeenTokens | None
+) -> np.ndarray:
     """Next token id per row (int64 [batch])."""
     if opts.repetition_penalty != 1.0 and seen is not None:
-        logits = np.stack([_penalise_row(logits[r], seen.of(r), opts.repetition_penalty) for r in range(logits.shape[0])])
+        logits = np.stack(
+            [_penalise_row(logits[r], seen.of(r), opts.repetition_penalty) for r in range(logits.shape[0])]
+        )
     if not opts.do_sample:
         return logits.argmax(axis=-1).astype(np.int64)
     u = rng.random(logits.shape[0])

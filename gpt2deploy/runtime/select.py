@@ -7,6 +7,7 @@ int4 (MatMulNBits) is 1.2-1.4x int8 (dynamic quantized MatMuls), which is ~3x fp
 slower than fp32.
 CUDA: fp16 when present and not failed, else fp32 (then int4, int8 as a last resort).
 """
+
 from __future__ import annotations
 
 from ..errors import VariantError
@@ -43,7 +44,11 @@ def select_variant(manifest: dict, device: str) -> tuple[str, str]:
             skipped.append(f"{name} is not built for {device}")
             continue
         if device == "cuda":
-            why = "fp16 is the CUDA variant" if name == "fp16" else f"no usable fp16 variant, {name} is next (preference {' > '.join(order)})"
+            why = (
+                "fp16 is the CUDA variant"
+                if name == "fp16"
+                else f"no usable fp16 variant, {name} is next (preference {' > '.join(order)})"
+            )
         else:
             why = f"{name} is the fastest CPU variant present (preference {' > '.join(order)})"
         checked = " and passed its accuracy gate" if isinstance(entry.get("accuracy"), dict) else ""

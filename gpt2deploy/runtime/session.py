@@ -3,6 +3,7 @@
 This is the simple, allocation-per-call path used by accuracy checks and tests. Generation uses the
 faster loop in ``generate.py`` on top of the same session.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,7 +74,11 @@ class DecoderSession:
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -seq:]
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": np.asarray(position_ids, np.int64)}
+        feed = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": np.asarray(position_ids, np.int64),
+        }
         if logits_to_keep < 0:
             raise UsageError(f"logits_to_keep must be >= 0 (got {logits_to_keep}); 0 keeps every position")
         if logits_to_keep and self.keeps_logits:
@@ -81,7 +86,7 @@ class DecoderSession:
         if self.kv_shared and self.device == "cpu":
             logits, present = self._forward_in_place(feed, past, seq)
         else:
-            feed.update(zip(self.past_names, past))
+            feed.update(zip(self.past_names, past, strict=False))
             out = self.session.run(self.output_names, feed)
             logits, present = out[0], out[1:]
         if logits_to_keep and logits.shape[1] > logits_to_keep:
@@ -99,7 +104,7 @@ class DecoderSession:
             values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr)))
             io.bind_ortvalue_input(name, values[-1])
         b, h, n, d = past[0].shape
-        for p_name, o_name, arr in zip(self.past_names, self.present_names, past):
+        for p_name, o_name, arr in zip(self.past_names, self.present_names, past, strict=False):
             buf = np.empty((b, h, n + seq, d), dtype=arr.dtype)
             buf[:, :, :n] = arr
             buffers.append(buf)

@@ -4,10 +4,11 @@ GPT-2's byte-level BPE can split one UTF-8 character (an emoji, an accented lett
 decoding token by token would print replacement characters. ``IncrementalText`` turns each token into
 its bytes and holds back an incomplete trailing character until the bytes that finish it arrive.
 """
+
 from __future__ import annotations
 
 import codecs
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def _byte_level_table() -> dict[str, int]:
@@ -20,7 +21,7 @@ def _byte_level_table() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {chr(c): b for b, c in zip(bs, cs, strict=False)}
 
 
 class TokenBytes:
