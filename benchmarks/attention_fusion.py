@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     positions = [int(p) for p in args.positions.split(",")]
     if max(positions) + args.steps + 1 > dims.n_positions:
         raise SystemExit(
-            f"error: position {max(positions)} + {args.steps} steps exceeds the context {dims.n_positions}; pass smaller --positions"
+            f"error: position {max(positions)} + {args.steps} steps exceeds the context {dims.n_positions}; pass "
+            "smaller --positions"
         )
     precisions = args.precisions.split(",")
     ops = [o for o in args.ops.split(",") if o]
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
                     row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
                     row["prefill_ratio"] = base["prefill_s"] / row["prefill_s"]
                     log(
-                        f"{prec:5s} {n:20s} past {pos:4d}: decode {row['decode_tok_s']:7.1f} tok/s (x{row['decode_ratio']:.2f})"
+                        f"{prec:5s} {n:20s} past {pos:4d}: decode {row['decode_tok_s']:7.1f} tok/s "
+                        f"(x{row['decode_ratio']:.2f})"
                         f"  prefill {pos} tok {row['prefill_s'] * 1e3:7.1f} ms (x{row['prefill_ratio']:.2f})"
                     )
             results["results"][prec] = table

@@ -175,7 +175,8 @@ def main(argv=None) -> int:
                 if p.available:
                     last = p.runs[-1]
                     say(
-                        f"round {r + 1}/{a.repeat} {p.key}: decode {last['decode_tok_s']:.1f} tok/s, TTFT {last['ttft_ms']:.1f} ms"
+                        f"round {r + 1}/{a.repeat} {p.key}: decode {last['decode_tok_s']:.1f} tok/s, TTFT "
+                        f"{last['ttft_ms']:.1f} ms"
                     )
                 else:
                     say(f"round {r + 1}/{a.repeat} {p.key}: failed: {p.reason}")

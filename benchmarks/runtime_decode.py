@@ -234,7 +234,9 @@ def main(argv=None) -> dict:
     for k in models:
         g = {
             "decode_tok_s": med(rows[f"{k}:decode"]),
-            "speedup_vs_transformers": med([o / h for o, h in zip(rows[f"{k}:decode"], rows["hf"], strict=False)]) if hf else None,
+            "speedup_vs_transformers": med([o / h for o, h in zip(rows[f"{k}:decode"], rows["hf"], strict=False)])
+            if hf
+            else None,
             "near_decode_tok_s": med(rows[f"{k}:near"]),
             "far_decode_tok_s": med(rows[f"{k}:far"]),
             "far_over_near": med([f / n for f, n in zip(rows[f"{k}:far"], rows[f"{k}:near"], strict=False)]),

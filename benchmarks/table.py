@@ -103,7 +103,8 @@ def markdown(result: dict) -> str:
         "smaller. Peak RSS is the engine process's peak (load included) over the timed workload, before the "
         "long-context curve." + _load_note(result),
         "",
-        "| engine | model MB | TTFT ms | decode tok/s | end-to-end tok/s | peak RSS MB | decode vs HF | e2e vs HF | TTFT speedup vs HF | RSS vs HF |",
+        "| engine | model MB | TTFT ms | decode tok/s | end-to-end tok/s | peak RSS MB | decode vs HF | e2e vs HF | "
+        "TTFT speedup vs HF | RSS vs HF |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["engines"]:
@@ -116,7 +117,8 @@ def markdown(result: dict) -> str:
         rss = r.get("memory", {}).get("peak_rss_mb")
         size = f"{r['model_mb']:.0f}" if r.get("model_mb") else "n/a"
         lines.append(
-            f"| {r['name']} | {size} | {_m(r.get('ttft_ms'))} | {_m(r.get('decode_tok_s'))} | {_m(r.get('e2e_tok_s'))} | "
+            f"| {r['name']} | {size} | {_m(r.get('ttft_ms'))} | {_m(r.get('decode_tok_s'))} | "
+            f"{_m(r.get('e2e_tok_s'))} | "
             f"{f'{rss:.0f}' if rss else 'n/a'} | {_x(ratio.get('decode'))} | {_x(ratio.get('e2e'))} | "
             f"{_x(ratio.get('ttft_speedup'))} | {_x(ratio.get('peak_rss'))} |"
         )
@@ -126,7 +128,8 @@ def markdown(result: dict) -> str:
         reps = result["workload"].get("curve_repeat", 1)
         lines += [
             "",
-            f"Long context: decode tok/s after a prompt of N tokens ({steps} timed decode steps; median of {reps} runs).",
+            f"Long context: decode tok/s after a prompt of N tokens ({steps} timed decode steps; median of {reps} "
+            "runs).",
             "",
         ]
         lines.append("| position | " + " | ".join(name for name, _ in curves) + " |")
@@ -148,6 +151,7 @@ def markdown(result: dict) -> str:
             if len(pts) >= 2:
                 peak = r.get("memory", {}).get("with_long_context", {}).get("peak_rss_mb")
                 lines.append(
-                    f"| {r['name']} | {pts[-1]['decode_tok_s'] / pts[0]['decode_tok_s']:.2f} | {f'{peak:.0f}' if peak else 'n/a'} |"
+                    f"| {r['name']} | {pts[-1]['decode_tok_s'] / pts[0]['decode_tok_s']:.2f} | "
+                    f"{f'{peak:.0f}' if peak else 'n/a'} |"
                 )
     return "\n".join(lines) + "\n"

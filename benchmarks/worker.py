@@ -5,8 +5,8 @@
 
 It loads the engine, warms up, prints {"event": "ready", ...}, then answers commands read from stdin:
 ``run`` (one timed generation), ``curve <json positions/steps/prompts>`` (decode speed after prompts of
-growing length), ``memory`` (the process's peak and current RSS so far) and ``quit`` (the same, then exit). Anything the libraries print goes
-to stderr so stdout carries only the protocol.
+growing length), ``memory`` (the process's peak and current RSS so far) and ``quit`` (the same, then exit).
+Anything the libraries print goes to stderr so stdout carries only the protocol.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ def _download(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - comes with transformers
         raise CheckpointError(
-            f"'{repo_id}' is not a local directory and huggingface_hub is not installed; pass a local checkpoint directory"
+            f"'{repo_id}' is not a local directory and huggingface_hub is not installed; pass a local checkpoint "
+            "directory"
         ) from None
     base = [
         "config.json",
@@ -85,7 +86,8 @@ def _download(repo_id: str) -> Path:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"'{repo_id}' is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({type(e).__name__}: {reason[:160]}); pass a local checkpoint directory (e.g. one saved with save_pretrained)"
+            f"({type(e).__name__}: {reason[:160]}); pass a local checkpoint directory (e.g. one saved with "
+            "save_pretrained)"
         ) from None
 
 
@@ -131,7 +133,8 @@ def locate(model: str | os.PathLike) -> Checkpoint:
     weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
     if not weights:
         raise CheckpointError(
-            f"{source} has a config but no weights (model.safetensors or pytorch_model.bin); copy the weight files into it"
+            f"{source} has a config but no weights (model.safetensors or pytorch_model.bin); copy the weight files "
+            "into it"
         )
     # Prefer safetensors; index files name their shards.
     first = weights[0]
@@ -169,7 +172,8 @@ def load_model(ckpt: Checkpoint):
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(
-            f"could not load the weights of {ckpt.source} ({type(e).__name__}: {reason}); the weight files are truncated or corrupt, re-download or re-save them"
+            f"could not load the weights of {ckpt.source} ({type(e).__name__}: {reason}); the weight files are "
+            "truncated or corrupt, re-download or re-save them"
         ) from None
     return model.eval()
 

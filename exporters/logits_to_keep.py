@@ -35,7 +35,8 @@ def add_logits_to_keep(model) -> bool:
     if head is None or head.op_type not in _HEAD_OPS:
         found = "no node" if head is None else f"a {head.op_type} node"
         raise ExportError(
-            f"the exported graph's logits come from {found}, not the vocabulary MatMul; check that the checkpoint is a GPT2LMHeadModel"
+            f"the exported graph's logits come from {found}, not the vocabulary MatMul; check that the checkpoint is "
+            "a GPT2LMHeadModel"
         )
     starts, ends, axes, kept = (f"{NAME}/{s}" for s in ("starts", "ends", "axes", "hidden"))
     graph.input.append(helper.make_tensor_value_info(NAME, TensorProto.INT64, [1]))

@@ -59,7 +59,8 @@ def model_dims(config) -> dict:
 def check_opset(opset: int) -> None:
     if not isinstance(opset, int) or opset < MIN_OPSET or opset > MAX_OPSET:
         raise ExportError(
-            f"opset {opset} is not supported; pass --opset between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})"
+            f"opset {opset} is not supported; pass --opset between {MIN_OPSET} and {MAX_OPSET} (default "
+            f"{DEFAULT_OPSET})"
         )
 
 
@@ -161,7 +162,8 @@ def export_onnx(model, onnx_path: str | Path, opset: int = DEFAULT_OPSET) -> dic
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ExportError(
-            f"torch.onnx.export failed ({type(e).__name__}: {reason}); check that torch and transformers are the supported versions"
+            f"torch.onnx.export failed ({type(e).__name__}: {reason}); check that torch and transformers are the "
+            "supported versions"
         ) from None
     with _quiet():
         if external:

@@ -97,7 +97,8 @@ def _run_sequence(r: _Runner, rows: list[list[int]], pad_id: int, steps: int) ->
         prompt_diff = max(prompt_diff, _diff(last, ref[0][:, -1:]) if last.shape[1] == 1 else float("inf"))
     seq_mask = mask.astype(bool)[:, None, :, None]  # pad positions hold don't-care values
     present_diff = max(
-        float(np.abs(a - b)[np.broadcast_to(seq_mask, a.shape)].max()) for a, b in zip(ort_out[1:], ref[1:], strict=False)
+        float(np.abs(a - b)[np.broadcast_to(seq_mask, a.shape)].max())
+        for a, b in zip(ort_out[1:], ref[1:], strict=False)
     )
     decode_diff = 0.0
     ort_tokens, ref_tokens = [], []
@@ -165,7 +166,8 @@ def validate(
         raise ParityError(
             "exported graph disagrees with PyTorch: max abs logit diff "
             f"{worst:.3g} (prompt {single['prompt_max_abs_diff']:.3g}, decode {single['decode_max_abs_diff']:.3g}, "
-            f"left-padded batch {batch['prompt_max_abs_diff']:.3g}/{batch['decode_max_abs_diff']:.3g}; tolerance {atol:g}), "
+            f"left-padded batch {batch['prompt_max_abs_diff']:.3g}/{batch['decode_max_abs_diff']:.3g}; tolerance "
+            f"{atol:g}), "
             f"greedy tokens equal: {single['greedy_tokens_equal'] and batch['greedy_tokens_equal']}; "
             "report this checkpoint with the versions of torch, transformers and onnxruntime",
             report,

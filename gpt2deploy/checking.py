@@ -199,7 +199,8 @@ def _judge(pkg: Package, name: str, metrics: dict, overrides: dict, tol_override
     failures = gates.evaluate(metrics, thresholds)
     if metrics.get("ref_nonfinite"):
         failures.append(
-            f"the reference produced {metrics['ref_nonfinite']} NaN/Inf logits; its numbers cannot vouch for this variant"
+            f"the reference produced {metrics['ref_nonfinite']} NaN/Inf logits; its numbers cannot vouch for this "
+            "variant"
         )
     notes = []
     if used != precision:

@@ -127,7 +127,8 @@ def format_description(info: dict) -> str:
     m, src = info["model"], info["source"]
     lines = [
         f"package   {info['path']}",
-        f"schema    {info['format']} v{info['schema_version']}, written by gpt2deploy {info['gpt2deploy_version']} at {info['created']}",
+        f"schema    {info['format']} v{info['schema_version']}, written by gpt2deploy {info['gpt2deploy_version']} "
+        f"at {info['created']}",
     ]
     if src:
         n = src.get("n_params")
@@ -137,13 +138,15 @@ def format_description(info: dict) -> str:
             + (f", weights sha256 {src['weights_sha256'][:12]}…)" if src.get("weights_sha256") else ")")
         )
     lines.append(
-        f"model     {m.get('n_layer')} layers, {m.get('n_head')} heads x {m.get('head_dim')}, hidden {m.get('hidden_size')}, "
+        f"model     {m.get('n_layer')} layers, {m.get('n_head')} heads x {m.get('head_dim')}, hidden "
+        f"{m.get('hidden_size')}, "
         f"vocab {m.get('vocab_size')}, context {m.get('n_positions')}, eos {m.get('eos_token_id')}"
     )
     n_kv = sum(1 for n in info["io"]["inputs"] if n.startswith("past_key_values."))
     optional = "".join(f" [+ {n}]" for n in info["io"].get("optional_inputs", []))
     lines.append(
-        f"graph I/O input_ids, attention_mask, position_ids + {n_kv} past tensors{optional} -> logits + {n_kv} present ({info['io']['kv_layout']})"
+        f"graph I/O input_ids, attention_mask, position_ids + {n_kv} past tensors{optional} -> logits + {n_kv} "
+        f"present ({info['io']['kv_layout']})"
     )
     lines.append("")
     header = ("variant", "file", "size", "precision", "providers", "kv cache", "gate", "ppl Δ", "top-1")

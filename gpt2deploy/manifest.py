@@ -111,7 +111,8 @@ def load_manifest(root: str | Path) -> dict:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise PackageError(
-            f"{root} is not a gpt2deploy package (no {MANIFEST_NAME}); create one with 'gpt2deploy export MODEL -o {root}'"
+            f"{root} is not a gpt2deploy package (no {MANIFEST_NAME}); create one with 'gpt2deploy export MODEL -o "
+            f"{root}'"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

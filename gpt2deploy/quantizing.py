@@ -38,8 +38,13 @@ ATTENTION = {"int8": "gqa", "int4": "gqa", "fp16": "mha"}
 ATTENTION_OPS = {"gqa": "GroupQueryAttention", "mha": "MultiHeadAttention"}
 NOTES = {
     "int8": "CPU variant: int8 weights, uint8 activations quantized per call (DynamicQuantizeMatMul)",
-    "int4": "CPU and CUDA variant: 4-bit block weights (MatMulNBits, lm_head/embedding table in recipe.head_bits), float activations",
-    "fp16": "CUDA variant: on the CPU execution provider float16 is slower than fp32; 'run'/'auto' pick it only on CUDA",
+    "int4": (
+        "CPU and CUDA variant: 4-bit block weights (MatMulNBits, lm_head/embedding table in recipe.head_bits), float "
+        "activations"
+    ),
+    "fp16": (
+        "CUDA variant: on the CPU execution provider float16 is slower than fp32; 'run'/'auto' pick it only on CUDA"
+    ),
 }
 
 #: Plain English used to run a new variant once before it is written (finite logits, top-1 agreement).
@@ -129,7 +134,8 @@ def quantize_package(
     pkg = Package.open(path)
     if "fp32" not in pkg.variants:
         raise VariantError(
-            f"package {pkg.root} has no fp32 variant to quantize from; re-export it with 'gpt2deploy export MODEL -o {pkg.root} --force'"
+            f"package {pkg.root} has no fp32 variant to quantize from; re-export it with 'gpt2deploy export MODEL -o "
+            f"{pkg.root} --force'"
         )
     name = mode
     if name in pkg.variants and not force:
@@ -196,7 +202,8 @@ def _quantize(model, mode, per_channel, block_size, exclude, options, progress):
         from quant.int4 import DEFAULT_ACCURACY_LEVEL, quantize_int4
 
         progress(
-            f"quantizing to int8 MatMulNBits (symmetric blocks of {block_size}, accuracy_level {DEFAULT_ACCURACY_LEVEL})"
+            f"quantizing to int8 MatMulNBits (symmetric blocks of {block_size}, accuracy_level "
+            f"{DEFAULT_ACCURACY_LEVEL})"
         )
         model, info = quantize_int4(model, block_size=block_size, bits=8, symmetric=True, exclude=exclude)
         info["mode"] = "int8"
@@ -283,7 +290,9 @@ def _sample_check(pkg: Package, graph: Path, fp32_path: Path, name: str) -> dict
     result = check_finite(graph, ids, d.n_layer, d.n_head, d.head_dim)
     ref = run_logits(fp32_path, ids, d.n_layer, d.n_head, d.head_dim)
     new = run_logits(graph, ids, d.n_layer, d.n_head, d.head_dim)
-    agree = float(np.mean(np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(ref, new, strict=False)])))
+    agree = float(
+        np.mean(np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(ref, new, strict=False)]))
+    )
     result.update(
         provider="CPUExecutionProvider",
         max_abs_logit_diff=float(max(np.abs(a - b).max() for a, b in zip(ref, new, strict=False))),
@@ -294,7 +303,10 @@ def _sample_check(pkg: Package, graph: Path, fp32_path: Path, name: str) -> dict
 
 def note_for(name: str, providers: list[str], granularity: str | None = None) -> str:
     if name == "int8" and granularity == "block":
-        return "CPU variant: int8 weights in symmetric blocks (MatMulNBits), activations quantized to int8 per block at run time"
+        return (
+            "CPU variant: int8 weights in symmetric blocks (MatMulNBits), activations quantized to int8 per block at "
+            "run time"
+        )
     if "CUDAExecutionProvider" in PROVIDERS[name] and "CUDAExecutionProvider" not in providers:
         return NOTES[name].replace(
             "CPU and CUDA variant", "CPU variant (in-place KV cache; quantize with --attention mha for CUDA)"

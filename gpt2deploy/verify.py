@@ -127,7 +127,8 @@ def _well_formed_variants(manifest: dict) -> tuple[list[str], list[str]]:
             continue
         if v.get("kv_cache", "concat") not in KV_CACHE_MODES:
             problems.append(
-                f"variant {name}: unknown kv_cache {v.get('kv_cache')!r} (known: {', '.join(KV_CACHE_MODES)}); rebuild the package"
+                f"variant {name}: unknown kv_cache {v.get('kv_cache')!r} (known: {', '.join(KV_CACHE_MODES)}); "
+                "rebuild the package"
             )
             continue
         if v.get("size") != sum(e["size"] for e in v["files"]):
@@ -157,7 +158,8 @@ def _tree_problems(root: Path, checked: set[str], named: set[str]) -> list[str]:
                 target = p.resolve()
                 if target != real_root and real_root not in target.parents:
                     problems.append(
-                        f"{rel}: symlink points outside the package ({target}); packages must be self-contained, copy the file in"
+                        f"{rel}: symlink points outside the package ({target}); packages must be self-contained, "
+                        "copy the file in"
                     )
                     continue
             if name in filenames and name.endswith(GRAPH_SUFFIXES) and rel not in named:
@@ -172,7 +174,8 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
         io = read(root / rel)
     except Exception as e:  # a graph that does not parse is a verification failure, not a crash
         return [
-            f"{rel}: cannot be read as an ONNX graph ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); rebuild variant {name}"
+            f"{rel}: cannot be read as an ONNX graph ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else ''}); rebuild variant {name}"
         ]
     problems = []
     for kind, have in (("input", io.inputs), ("output", io.outputs)):
@@ -181,11 +184,13 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
         extra = [n for n in have if n not in want]
         if missing:
             problems.append(
-                f"{rel}: graph lacks {kind}{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} of the manifest's I/O contract"
+                f"{rel}: graph lacks {kind}{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} of the manifest's I/O contract"
             )
         if extra:
             problems.append(
-                f"{rel}: graph {kind}{'s' if len(extra) > 1 else ''} {', '.join(extra[:4])} not in the manifest's I/O contract"
+                f"{rel}: graph {kind}{'s' if len(extra) > 1 else ''} {', '.join(extra[:4])} not in the manifest's "
+                "I/O contract"
             )
         for n in want:
             if n in have:

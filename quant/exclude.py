@@ -55,7 +55,8 @@ def resolve_exclude(model, entries) -> list[str]:
         if not hit:
             examples = ", ".join(sorted(set(nodes.values()))[:2])
             raise QuantError(
-                f"--exclude '{entry}' matches no weight MatMul; name a node, a weight (e.g. {examples}), a prefix ending in '.', or lm_head"
+                f"--exclude '{entry}' matches no weight MatMul; name a node, a weight (e.g. {examples}), a prefix "
+                "ending in '.', or lm_head"
             )
         picked.extend(h for h in hit if h not in picked)
     return picked

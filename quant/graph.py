@@ -87,7 +87,8 @@ def check_decoder(model, n_layer: int | None = None) -> int:
     if layers == 0 or past != want or present != want:
         raise QuantError(
             f"the graph's past/present tensors do not cover layers 0..{layers - 1} "
-            f"(past layers {past[:4]}{'...' if len(past) > 4 else ''}, present layers {present[:4]}{'...' if len(present) > 4 else ''}); {fix}"
+            f"(past layers {past[:4]}{'...' if len(past) > 4 else ''}, present layers "
+            f"{present[:4]}{'...' if len(present) > 4 else ''}); {fix}"
         )
     for i in want:
         for kind in ("key", "value"):

@@ -4,8 +4,8 @@ Each weight MatMul becomes ``MatMulNBits`` (4-bit weights in blocks of ``block_s
 scale and zero point per block); activations stay float. The tied token embedding (a lookup, not a
 MatMul) by default reads the lm_head's own quantized blocks (``embedding="tied"``, see ``tied_nbits``):
 the largest matrix is stored once. Alternatives: ``"int8"`` a separate int8 table with one scale per
-row, ``"int4"`` a separate ``GatherBlockQuantized`` table, ``"fp32"`` the float table. Gemms are rewritten to MatMul + Add by
-``optimize`` first, because MatMulNBits only replaces MatMul.
+row, ``"int4"`` a separate ``GatherBlockQuantized`` table, ``"fp32"`` the float table. Gemms are rewritten to
+MatMul + Add by ``optimize`` first, because MatMulNBits only replaces MatMul.
 
 The lm_head is quantized with ``head_bits`` (default 8: logits are the most sensitive output, and the
 tied embedding shares its table); ``head_bits=4`` makes everything 4-bit (smallest, fastest).

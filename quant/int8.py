@@ -63,8 +63,9 @@ def quantize_int8(
     """Return ``(model, info)``; ``model`` is an optimized fp32 decoder graph (see ``optimize``).
 
     ``share_embedding`` (default) stores the tied embedding/lm_head once as an int8 table in blocks, the
-    weight of an 8-bit ``MatMulNBits`` lm_head whose rows the embedding lookup reads (see ``tied_int8``). Without it the lm_head is untied into its own MatMul weight and the
-    embedding Gather stays fp32, or with ``quantize_embedding`` gets its own 8-bit table (one scale).
+    weight of an 8-bit ``MatMulNBits`` lm_head whose rows the embedding lookup reads (see ``tied_int8``).
+    Without it the lm_head is untied into its own MatMul weight and the embedding Gather stays fp32, or with
+    ``quantize_embedding`` gets its own 8-bit table (one scale).
     """
     import onnx
     from onnx import TensorProto

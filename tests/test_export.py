@@ -77,7 +77,7 @@ def test_past_zero_and_decode_match_full_recompute(tiny_package, tiny_checkpoint
     past = [np.zeros((1, 4, 0, 16), np.float32)] * 4
     out = _ort_step(sess, 2, ids, np.ones_like(ids), np.arange(6)[None], past)
     seq = ids[0].tolist()
-    for step in range(5):
+    for _ in range(5):
         nxt = int(out[0][0, -1].argmax())
         seq.append(nxt)
         with torch.no_grad():

@@ -124,8 +124,8 @@ def test_weight_size_ratios(quantized, tiny_package):
         assert got["float"] == 0
         ratios[mode] = got["quantized"] / base
     assert ratios["int8"] <= 0.30, ratios
-    # default int4: 4-bit body, 8-bit lm_head (symmetric blocks of up to 128, capped at K: 1 + 4/block bytes a weight); all-4-bit is
-    # checked in test_int4_all_4bit_with_head_bits_4
+    # default int4: 4-bit body, 8-bit lm_head (symmetric blocks of up to 128, capped at K: 1 + 4/block bytes a
+    # weight); all-4-bit is checked in test_int4_all_4bit_with_head_bits_4
     assert ratios["int4"] <= 0.30, ratios
     model = onnx.load(str(quantized["path"] / quantized["results"]["int4"]["entry"]["file"]))
     body = [n for n in model.graph.node if n.op_type == "MatMulNBits" and "logits" not in n.output]

@@ -85,7 +85,8 @@ def parse_pbtxt(text: str) -> dict:
 
 def test_parser_on_known_text():
     cfg = parse_pbtxt(
-        '# c\nname: "m"\nmax_batch_size: 0\ninput [ { name: "a" dims: [ -1, 4 ] }, { name: "b" dims: [ 2 ] } ]\nparameters { key: "k" value: { string_value: "2" } }\n'
+        '# c\nname: "m"\nmax_batch_size: 0\ninput [ { name: "a" dims: [ -1, 4 ] }, { name: "b" dims: [ 2 ] } ]\n'
+        'parameters { key: "k" value: { string_value: "2" } }\n'
     )
     assert cfg == {
         "name": "m",

@@ -129,7 +129,8 @@ def test_manifest_path_outside_package_refused(built_copy, cli):
     _edit_manifest(built_copy, change)
     lines = _fails(cli("verify", built_copy))
     assert lines == [
-        f"FAIL ../tokenizer.json: points outside the package ({built_copy.parent.resolve() / 'tokenizer.json'}); packages must be self-contained"
+        f"FAIL ../tokenizer.json: points outside the package ({built_copy.parent.resolve() / 'tokenizer.json'}); "
+        "packages must be self-contained"
     ]
 
 
@@ -169,7 +170,8 @@ def test_external_data_must_be_listed(built_copy, cli):
     )
     lines = _fails(cli("verify", built_copy))
     assert lines == [
-        "FAIL onnx/model.onnx: graph needs external data onnx/weights.bin, which variant fp32 does not list; rebuild the package"
+        "FAIL onnx/model.onnx: graph needs external data onnx/weights.bin, which variant fp32 does not list; "
+        "rebuild the package"
     ]
     _edit_manifest(
         built_copy, lambda m: m["variants"]["fp32"]["files"].append(file_entry(built_copy, "onnx/weights.bin"))

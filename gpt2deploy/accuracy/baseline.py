@@ -38,7 +38,8 @@ def validate_baseline(data, where: str = "baseline") -> dict:
         raise UsageError(f"{where} is not a gpt2deploy check report; pass a file written by 'gpt2deploy check --json'")
     if data.get("version") != REPORT_VERSION:
         raise UsageError(
-            f"{where} is a check report of version {data.get('version')!r} (this gpt2deploy reads {REPORT_VERSION}); re-create it with this version"
+            f"{where} is a check report of version {data.get('version')!r} (this gpt2deploy reads {REPORT_VERSION}); "
+            "re-create it with this version"
         )
     for key in ("model", "text", "variants"):
         if not isinstance(data.get(key), dict):
@@ -76,6 +77,7 @@ def compare(metrics: Mapping, base_metrics: Mapping, tolerances: Mapping[str, fl
         detail[name] = {"baseline": base, "value": value, "worse_by": worse, "tolerance": tol}
         if worse > tol:
             failures.append(
-                f"{name} {_fmt(value)} is worse than the baseline's {_fmt(base)} by {_fmt(worse)} (tolerance {_fmt(tol)})"
+                f"{name} {_fmt(value)} is worse than the baseline's {_fmt(base)} by {_fmt(worse)} (tolerance "
+                f"{_fmt(tol)})"
             )
     return failures, detail

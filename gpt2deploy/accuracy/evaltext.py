@@ -110,7 +110,8 @@ def tokenize(text: str, source: str, tokenizer_path: str | Path, n_positions: in
     n_windows = min(len(ids) // window, max_tokens // window)
     if n_windows < 1:
         raise UsageError(
-            f"the evaluation text ({source}) has {len(ids)} tokens, shorter than one window of {window}; pass a longer --text"
+            f"the evaluation text ({source}) has {len(ids)} tokens, shorter than one window of {window}; pass a "
+            "longer --text"
         )
     windows = np.asarray(ids[: n_windows * window], dtype=np.int64).reshape(n_windows, window)
     return EvalText(source=source, sha256=text_sha256(text), windows=windows)

@@ -152,7 +152,8 @@ def parse_thresholds(items: Iterable[str] | Mapping[str, float] | None) -> tuple
         key, target = (name[: -len(TOLERANCE_SUFFIX)], tols) if name.endswith(TOLERANCE_SUFFIX) else (name, gates)
         if key not in GATES:
             raise UsageError(
-                f"unknown threshold '{name}'; known: {', '.join(GATES)} (append {TOLERANCE_SUFFIX} for a baseline tolerance)"
+                f"unknown threshold '{name}'; known: {', '.join(GATES)} (append {TOLERANCE_SUFFIX} for a baseline "
+                "tolerance)"
             )
         try:
             value = float(raw)

@@ -75,7 +75,8 @@ def measure_runs(model, prompts: list[list[int]], new_tokens: int, repeat: int, 
         if progress:
             dec = f"{run.decode_tok_s:.1f}" if run.decode_tok_s is not None else "n/a"
             progress(
-                f"run {i + 1}/{repeat}: TTFT {run.ttft_ms:.1f} ms, decode {dec} tok/s, end-to-end {run.e2e_tok_s:.1f} tok/s"
+                f"run {i + 1}/{repeat}: TTFT {run.ttft_ms:.1f} ms, decode {dec} tok/s, end-to-end "
+                f"{run.e2e_tok_s:.1f} tok/s"
             )
     decode = [r.decode_tok_s for r in runs if r.decode_tok_s is not None]
     return {

@@ -15,8 +15,10 @@ def format_report(report: dict) -> str:
     threads = cfg["threads"] if cfg["threads"] else "default"
     lines = [
         f"package {report['package']}",
-        f"workload: batch {cfg['batch']}, {cfg['prompt_tokens']}-token prompt + {cfg['new_tokens']} new tokens (greedy), "
-        f"device {cfg['device']}, threads {threads}, {cfg['repeat']} runs after {cfg['warmup']} warm-up; median [min-max]",
+        f"workload: batch {cfg['batch']}, {cfg['prompt_tokens']}-token prompt + {cfg['new_tokens']} new tokens "
+        "(greedy), "
+        f"device {cfg['device']}, threads {threads}, {cfg['repeat']} runs after {cfg['warmup']} warm-up; median "
+        "[min-max]",
         "",
     ]
     header = ["variant", "file MB", "TTFT ms", "decode tok/s", "end-to-end tok/s", "peak RSS MB"]
@@ -63,5 +65,10 @@ def format_report(report: dict) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))
+        )
+
     return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]

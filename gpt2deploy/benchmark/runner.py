@@ -40,7 +40,8 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
             from ..errors import VariantError
 
             raise VariantError(
-                f"no variant of {package.root} runs on {device} ({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); "
+                f"no variant of {package.root} runs on {device} "
+                f"({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); "
                 "pass --variant to measure one anyway"
             )
     elif config.variants:

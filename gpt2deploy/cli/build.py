@@ -17,7 +17,10 @@ def build_cmd(
     variants: str = typer.Option(
         "fp32,int8,int4",
         "--variants",
-        help="Comma-separated variants: fp32, int8, int4, fp16 (fp16 is for CUDA). fp32 is always built as the reference; it is shipped only when listed.",
+        help=(
+            "Comma-separated variants: fp32, int8, int4, fp16 (fp16 is for CUDA). fp32 is always built as the "
+            "reference; it is shipped only when listed."
+        ),
     ),
     text: Path | None = typer.Option(
         None, "--text", help="UTF-8 text to measure accuracy on (default: the checker's built-in English text)."
@@ -30,7 +33,10 @@ def build_cmd(
     threshold: list[str] = typer.Option(
         [],
         "--threshold",
-        help="Override an accuracy gate for every variant, NAME=VALUE (repeatable), e.g. top1=0.95; see 'gpt2deploy check --help'.",
+        help=(
+            "Override an accuracy gate for every variant, NAME=VALUE (repeatable), e.g. top1=0.95; see 'gpt2deploy "
+            "check --help'."
+        ),
     ),
     max_tokens: int | None = typer.Option(
         None, "--max-tokens", help="Evaluation tokens for the accuracy check (default: the checker's)."
@@ -69,7 +75,8 @@ def build_cmd(
         else:
             names = ", ".join(result.regressed)
             typer.echo(
-                f"error: {names} failed the accuracy gate and {'was' if len(result.rejected) == 1 else 'were'} not packaged ({why}); pass --allow-regression to keep {'it' if len(result.rejected) == 1 else 'them'}",
+                f"error: {names} failed the accuracy gate and {'was' if len(result.rejected) == 1 else 'were'} not "
+                f"packaged ({why}); pass --allow-regression to keep {'it' if len(result.rejected) == 1 else 'them'}",
                 err=True,
             )
             raise typer.Exit(1)

@@ -47,13 +47,19 @@ def check_cmd(
         None,
         "--variant",
         "-v",
-        help="Variant to check (repeatable, or a comma list). Default: every variant except the reference (fp32 alone is checked against itself).",
+        help=(
+            "Variant to check (repeatable, or a comma list). Default: every variant except the reference (fp32 alone "
+            "is checked against itself)."
+        ),
     ),
     all_variants: bool = typer.Option(False, "--all", help="Check every variant, the reference's included."),
     reference: str = typer.Option(
         "fp32",
         "--reference",
-        help="'fp32' (or another variant name), a package directory, or the Hugging Face checkpoint directory the package came from (runs PyTorch; needs the export extra).",
+        help=(
+            "'fp32' (or another variant name), a package directory, or the Hugging Face checkpoint directory the "
+            "package came from (runs PyTorch; needs the export extra)."
+        ),
     ),
     text: Path | None = typer.Option(
         None, "--text", help="UTF-8 evaluation text. Default: Python's pydoc_data topics prose (no download)."
@@ -119,5 +125,6 @@ def check_cmd(
             for n, v in failed.items()
         )
         raise RegressionError(
-            f"accuracy regression in {', '.join(failed)} ({first}); fix the variant, or loosen a gate with --threshold NAME=VALUE if the change is intended"
+            f"accuracy regression in {', '.join(failed)} ({first}); fix the variant, or loosen a gate with "
+            "--threshold NAME=VALUE if the change is intended"
         )

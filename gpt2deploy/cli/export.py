@@ -20,7 +20,10 @@ def export_cmd(
     portable: bool = typer.Option(
         False,
         "--portable",
-        help="Keep the fp32 graph in plain ONNX ops (other runtimes, CUDA) instead of the CPU-optimized graph with fused attention and an in-place KV cache.",
+        help=(
+            "Keep the fp32 graph in plain ONNX ops (other runtimes, CUDA) instead of the CPU-optimized graph with "
+            "fused attention and an in-place KV cache."
+        ),
     ),
 ) -> None:
     """Export a GPT-2 checkpoint to an ONNX package with a KV-cache graph, validated against PyTorch."""

@@ -29,13 +29,15 @@ def verify_cmd(
             typer.echo(f"FAIL {line}")
         n = len(report.problems)
         typer.echo(
-            f"error: package {report.root} failed verification ({n} problem{'s' if n > 1 else ''}); rebuild it with 'gpt2deploy build' or restore the files",
+            f"error: package {report.root} failed verification ({n} problem{'s' if n > 1 else ''}); rebuild it with "
+            "'gpt2deploy build' or restore the files",
             err=True,
         )
         raise typer.Exit(1)
     graphs = f", {report.graphs_checked} graph I/O contracts ({report.graph_reader})" if report.graphs_checked else ""
     typer.echo(
-        f"ok {report.root}: {report.files_checked} files match their sha256{graphs}; variants {', '.join(report.variants)}"
+        f"ok {report.root}: {report.files_checked} files match their sha256{graphs}; variants "
+        f"{', '.join(report.variants)}"
     )
 
 
@@ -88,5 +90,6 @@ def triton_cmd(
         progress=lambda m: say(f"[triton] {m}"),
     )
     typer.echo(
-        f"wrote {result.model_dir} (variant {result.variant}); serve with: tritonserver --model-repository={result.model_dir.parent}"
+        f"wrote {result.model_dir} (variant {result.variant}); serve with: tritonserver "
+        f"--model-repository={result.model_dir.parent}"
     )

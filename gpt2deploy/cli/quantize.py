@@ -24,12 +24,18 @@ def quantize_cmd(
     granularity: str | None = typer.Option(
         None,
         "--granularity",
-        help="int8 weight scales: tensor (default), channel (= --per-channel) or block (8-bit MatMulNBits blocks: more accurate, a little larger).",
+        help=(
+            "int8 weight scales: tensor (default), channel (= --per-channel) or block (8-bit MatMulNBits blocks: "
+            "more accurate, a little larger)."
+        ),
     ),
     block_size: int | None = typer.Option(
         None,
         "--block-size",
-        help="Weights per quantization block (power of two >= 16): int4 (default 32), int8 --granularity block (default 128).",
+        help=(
+            "Weights per quantization block (power of two >= 16): int4 (default 32), int8 --granularity block "
+            "(default 128)."
+        ),
     ),
     exclude: str = typer.Option(
         "",
@@ -39,12 +45,18 @@ def quantize_cmd(
     head_bits: int | None = typer.Option(
         None,
         "--head-bits",
-        help="int4: bits of the lm_head and tied embedding table (default 8; 4 is ~15% faster, smaller, less accurate).",
+        help=(
+            "int4: bits of the lm_head and tied embedding table (default 8; 4 is faster, smaller and less "
+            "accurate: see benchmarks/RESULTS.md)."
+        ),
     ),
     attention: str | None = typer.Option(
         None,
         "--attention",
-        help="Fused attention: gqa (CPU, in-place KV cache, fastest; default for int8/int4) or mha (CPU and CUDA; default for fp16).",
+        help=(
+            "Fused attention: gqa (CPU, in-place KV cache, fastest; default for int8/int4) or mha (CPU and CUDA; "
+            "default for fp16)."
+        ),
     ),
     force: bool = typer.Option(False, "--force", help="Replace the variant if the package already has it."),
 ) -> None:
@@ -93,7 +105,8 @@ def quantize_cmd(
             + (" (float16 + float32)" if mode == "fp16" else " left in float")
         )
     say(
-        f"  sample text  {check['tokens']} tokens: logits finite, top-1 agreement with fp32 {check['top1_agreement'] * 100:.1f}%, max |dlogit| {check['max_abs_logit_diff']:.3g}"
+        f"  sample text  {check['tokens']} tokens: logits finite, top-1 agreement with fp32 "
+        f"{check['top1_agreement'] * 100:.1f}%, max |dlogit| {check['max_abs_logit_diff']:.3g}"
     )
     say(f"  providers    {', '.join(s['providers'])}")
     say(f"  note         {s['note']}")

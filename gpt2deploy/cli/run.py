@@ -87,7 +87,8 @@ def run_cmd(
     stream = model.stream(text, **opts)
     if stream.gen.dropped and stream.gen.dropped[0]:
         say(
-            f"[run] prompt left-truncated by {stream.gen.dropped[0]} tokens to fit the context of {model.dims.n_positions}"
+            f"[run] prompt left-truncated by {stream.gen.dropped[0]} tokens to fit the context of "
+            f"{model.dims.n_positions}"
         )
     if as_json:
         for _ in stream:
@@ -100,7 +101,7 @@ def run_cmd(
             typer.echo("")
         except BrokenPipeError:  # the reader left (e.g. `| head`): stop generating, quietly
             _silence_stdout()
-            raise typer.Exit(0)
+            raise typer.Exit(0) from None
     result = stream.result
     t = result.timings
     tok_s = t.get("decode_tokens_per_second")
@@ -129,6 +130,7 @@ def run_cmd(
     else:
         speed = f", decode {tok_s:.1f} tok/s" if tok_s else ""
         say(
-            f"[run] {result.prompt_tokens[0]} prompt tokens, {result.new_tokens[0]} new tokens ({result.finish_reasons[0]}); "
+            f"[run] {result.prompt_tokens[0]} prompt tokens, {result.new_tokens[0]} new tokens "
+            f"({result.finish_reasons[0]}); "
             f"prefill {t['prefill_seconds'] * 1e3:.0f} ms{speed}"
         )

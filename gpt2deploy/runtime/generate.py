@@ -65,7 +65,8 @@ def fit_context(
         opts = replace(opts, max_new_tokens=max(1, min(DEFAULT_MAX_NEW_TOKENS, room)))
     if opts.max_new_tokens >= n_positions:
         raise GenerationError(
-            f"max_new_tokens {opts.max_new_tokens} leaves no room for a prompt in the model's context of {n_positions} tokens; "
+            f"max_new_tokens {opts.max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{n_positions} tokens; "
             f"pass max_new_tokens <= {n_positions - 1}"
         )
     budget = n_positions - opts.max_new_tokens
@@ -75,7 +76,8 @@ def fit_context(
         if not opts.truncate:
             n = len(rows[worst])
             raise GenerationError(
-                f"prompt of {n} tokens + max_new_tokens {opts.max_new_tokens} exceeds the model's context of {n_positions} tokens; "
+                f"prompt of {n} tokens + max_new_tokens {opts.max_new_tokens} exceeds the model's context of "
+                f"{n_positions} tokens; "
                 f"shorten the prompt, lower max_new_tokens, or allow left-truncation (--truncate / truncate=True)"
             )
         rows = [r[d:] for r, d in zip(rows, dropped, strict=False)]

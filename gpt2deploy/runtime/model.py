@@ -52,7 +52,8 @@ def load(
             warnings.warn(notes[-1], PerformanceWarning, stacklevel=2)
         if dev == "cuda" and entry.get("providers") and "CUDAExecutionProvider" not in entry["providers"]:
             raise VariantError(
-                f"variant {name} is built for {', '.join(entry['providers'])} only (its fused attention has no CUDA kernel); "
+                f"variant {name} is built for {', '.join(entry['providers'])} only (its fused attention has no CUDA "
+                "kernel); "
                 "use --device cpu, the fp16 variant, or re-export with --portable"
             )
         if gate_failed(entry):
@@ -83,13 +84,15 @@ def load(
     except Exception as e:  # onnxruntime's own exception types (invalid graph, provider failure)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise PackageError(
-            f"ONNX Runtime cannot load variant {name} ({pkg.variant(name)['file']}): {first}; run 'gpt2deploy verify' or rebuild the package"
+            f"ONNX Runtime cannot load variant {name} ({pkg.variant(name)['file']}): {first}; run 'gpt2deploy "
+            "verify' or rebuild the package"
         ) from None
     return Model(pkg, session, tokenizer, reason, notes)
 
 
 class Model:
-    """A loaded variant: ``generate``, ``stream``, ``generate_ids``; ``.variant``, ``.device``, ``.selection_reason``."""
+    """A loaded variant: ``generate``, ``stream``, ``generate_ids``; ``.variant``, ``.device``,
+    ``.selection_reason``."""
 
     def __init__(self, package: Package, session: DecoderSession, tokenizer, selection_reason: str, notes: list[str]):
         self.package = package

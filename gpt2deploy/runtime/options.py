@@ -115,7 +115,8 @@ def validate(o: GenerationOptions) -> None:
     temperature = _number("temperature", o.temperature, float)
     if o.do_sample and not temperature > 0.0:
         raise UsageError(
-            f"temperature must be > 0 when sampling (got {o.temperature}); use greedy decoding (no --do-sample) for deterministic output"
+            f"temperature must be > 0 when sampling (got {o.temperature}); use greedy decoding (no --do-sample) for "
+            "deterministic output"
         )
     if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int) or o.seed < 0):
         raise UsageError(f"seed must be a non-negative integer (got {o.seed!r})")

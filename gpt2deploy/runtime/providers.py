@@ -5,7 +5,10 @@ from __future__ import annotations
 from ..errors import DeviceError, UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
-CUDA_HELP = "install onnxruntime-gpu (pip uninstall onnxruntime && pip install onnxruntime-gpu) with a matching CUDA/cuDNN, or pass --device cpu"
+CUDA_HELP = (
+    "install onnxruntime-gpu (pip uninstall onnxruntime && pip install onnxruntime-gpu) with a matching CUDA/cuDNN, "
+    "or pass --device cpu"
+)
 
 
 def cuda_available() -> bool:

@@ -1,10 +1,10 @@
 """Which variant to load on which device, read from the manifest alone.
 
-CPU: the fastest variant present that did not fail its accuracy gate. The order comes from decode
-speed measured on a GPT-2-small-shaped package, batch 1, 2 threads, same run
-(``benchmarks/runtime_decode.py --variants int4,int8,fp32``, ``benchmarks/quant_decode.py --recipes``):
-int4 (MatMulNBits) is 1.2-1.4x int8 (dynamic quantized MatMuls), which is ~3x fp32. fp16 is never picked on CPU: the CPU execution provider runs it
-slower than fp32.
+CPU: the fastest variant present that did not fail its accuracy gate: int4 (MatMulNBits), then int8
+(dynamic quantized MatMuls), then fp32. The order comes from decode speed measured on a GPT-2-small-shaped
+package (``benchmarks/runtime_decode.py --variants int4,int8,fp32``, ``benchmarks/quant_decode.py --recipes``;
+numbers in ``benchmarks/RESULTS.md``). fp16 is never picked on CPU: the CPU execution provider runs it slower
+than fp32.
 CUDA: fp16 when present and not failed, else fp32 (then int4, int8 as a last resort).
 """
 
@@ -60,7 +60,10 @@ def select_variant(manifest: dict, device: str) -> tuple[str, str]:
     if fp16_only:
         hint = "fp16 is not run on CPU automatically; pass --variant fp16 to force it"
     elif device == "cuda":
-        hint = "add a CUDA variant with 'gpt2deploy quantize PACKAGE --mode fp16' (or --mode int4 --attention mha), or use --device cpu"
+        hint = (
+            "add a CUDA variant with 'gpt2deploy quantize PACKAGE --mode fp16' (or --mode int4 --attention mha), or "
+            "use --device cpu"
+        )
     else:
         hint = "rebuild the package or pass --variant"
     raise VariantError(f"no variant usable on {device} in this package (present: {present}){why}; {hint}")
