@@ -200,16 +200,16 @@ def extra_graphs(pkg: Path) -> dict:
     import copy
 
     import quant.graph as qgraph
-    from quant.int4 import quantize_int4
     from quant.int8 import quantize_int8
+    from quant.nbits import quantize_nbits
     from quant.optimize import optimize
 
     builders = {
         "int8-per-channel": lambda m: quantize_int8(m, per_channel=True),
-        "int4-head4": lambda m: quantize_int4(m, head_bits=4),
-        "int4-head4-int8-embedding": lambda m: quantize_int4(m, head_bits=4, embedding="int8"),
-        "int4-level0": lambda m: quantize_int4(m, accuracy_level=0),
-        "nbits8": lambda m: quantize_int4(m, bits=8),
+        "int4-head4": lambda m: quantize_nbits(m, head_bits=4),
+        "int4-head4-int8-embedding": lambda m: quantize_nbits(m, head_bits=4, embedding="int8"),
+        "int4-level0": lambda m: quantize_nbits(m, accuracy_level=0),
+        "nbits8": lambda m: quantize_nbits(m, bits=8),
     }
     out, optimized = {}, None
     dims = json.loads((pkg / "manifest.json").read_text())["model"]
@@ -277,8 +277,8 @@ def speed(args) -> dict:
 
 
 def recipes():
-    from quant.int4 import quantize_int4
     from quant.int8 import quantize_int8
+    from quant.nbits import quantize_nbits
 
     return {
         "int8 default: per-tensor, shared per-row tied table": lambda m: quantize_int8(m),
@@ -286,11 +286,11 @@ def recipes():
         "int8 plain: per-tensor, untied lm_head, 8-bit embedding": lambda m: quantize_int8(
             m, share_embedding=False, quantize_embedding=True
         ),
-        "MatMulNBits 8-bit, block 32": lambda m: quantize_int4(m, bits=8),
-        "int4 default: block 32, 8-bit lm_head shared with embedding": lambda m: quantize_int4(m),
-        "int4 --head-bits 4 (all 4-bit, shared table)": lambda m: quantize_int4(m, head_bits=4),
-        "int4 4-bit lm_head + separate int8 embedding": lambda m: quantize_int4(m, head_bits=4, embedding="int8"),
-        "int4 default with accuracy_level 0": lambda m: quantize_int4(m, accuracy_level=0),
+        "MatMulNBits 8-bit, block 32": lambda m: quantize_nbits(m, bits=8),
+        "int4 default: block 32, 8-bit lm_head shared with embedding": lambda m: quantize_nbits(m),
+        "int4 --head-bits 4 (all 4-bit, shared table)": lambda m: quantize_nbits(m, head_bits=4),
+        "int4 4-bit lm_head + separate int8 embedding": lambda m: quantize_nbits(m, head_bits=4, embedding="int8"),
+        "int4 default with accuracy_level 0": lambda m: quantize_nbits(m, accuracy_level=0),
     }
 
 

@@ -61,8 +61,8 @@ def fused_copy(pkg: Path, out: Path) -> Path:
 
     import onnx
 
-    from gpt2deploy.exporting import variant_entry
     from gpt2deploy.fsutil import staged_dir
+    from gpt2deploy.manifest import variant_entry
     from gpt2deploy.package import Package
     from quant.attention import fuse_attention
 

@@ -156,3 +156,48 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def staging_dir(parent: str | os.PathLike, kind: str) -> Iterator[Path]:
+    """A temporary directory inside ``parent`` (same filesystem, so renames out of it are atomic), removed after.
+
+    Stale stages of ``kind`` left by killed runs are swept first (``sweep_stale_stages``).
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_stages(parent, kind)
+    tmp = Path(tempfile.mkdtemp(prefix=stage_prefix(kind), suffix=".partial", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_files(root: Path, stage: Path, written: list[Path], files: list[str], old_files: list[str], record):
+    """Move the staged ``written`` files to ``root / files`` and return ``record()``; on any failure restore.
+
+    ``old_files`` (relative to ``root``) are what the new files replace: they are moved aside into ``stage``
+    as ``previous-NAME`` first, and moved back if a rename or ``record`` fails (``sweep_stale_stages`` never
+    deletes a stage holding such backups).
+    """
+    targets = {root / f for f in files} | {root / f for f in old_files}
+    backups: dict[Path, Path] = {}
+    moved: list[Path] = []
+    try:
+        for target in targets:
+            if target.exists():
+                backup = stage / f"previous-{target.name}"
+                os.replace(target, backup)
+                backups[target] = backup
+        for src, rel in zip(written, files, strict=False):
+            os.replace(src, root / rel)
+            moved.append(root / rel)
+        return record()
+    except BaseException:
+        for path in moved:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        for target, backup in backups.items():
+            os.replace(backup, target)
+        raise

@@ -102,6 +102,26 @@ def file_entry(root: str | Path, rel: str) -> dict:
     return {"path": rel, "sha256": sha256_file(p), "size": p.stat().st_size}
 
 
+def variant_entry(
+    root: Path, name: str, files: list[str], precision: str, opset: int, recipe: dict, providers: list[str], **extra
+) -> dict:
+    """A manifest variant entry with file hashes computed from disk."""
+    from .versions import library_versions
+
+    entries = [file_entry(root, f) for f in files]
+    return {
+        "file": files[0],
+        "files": entries,
+        "size": sum(e["size"] for e in entries),
+        "precision": precision,
+        "opset": opset,
+        "recipe": recipe,
+        "providers": providers,
+        "libraries": library_versions(),
+        **extra,
+    }
+
+
 def load_manifest(root: str | Path) -> dict:
     root = Path(root)
     if not root.exists():

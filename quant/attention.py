@@ -29,10 +29,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .errors import QuantError
-from .graph_match import GraphIndex, attr, remove_dead_nodes
+from .graph import (
+    GraphIndex,
+    add_initializers,
+    attr,
+    ensure_opset,
+    insert_nodes,
+    prune_value_info,
+    remove_dead_nodes,
+    remove_nodes,
+    rename_input,
+    replace_nodes,
+)
 
 MHA = "MultiHeadAttention"
 GQA = "GroupQueryAttention"
@@ -369,7 +380,7 @@ def _safe_mask_bias(graph: onnx.GraphProto, index: GraphIndex, name: str, cache:
         return name
     dtype = consts[0].dtype if consts[0].dtype.kind == "f" else np.float32
     fill_name = f"{name}_fused_fill"
-    graph.initializer.append(numpy_helper.from_array(np.array(MASK_FILL, dtype), fill_name))
+    add_initializers(graph, {fill_name: np.array(MASK_FILL, dtype)})
     ins = list(where.input)
     for k in (1, 2):
         if consts[k - 1].size == 1 and consts[k - 1].min() < MASK_FILL:
@@ -378,8 +389,7 @@ def _safe_mask_bias(graph: onnx.GraphProto, index: GraphIndex, name: str, cache:
             cache[name] = name  # a non-scalar constant: leave the graph's own bias
             return name
     out = f"{name}_fused"
-    pos = list(graph.node).index(where) + 1
-    graph.node.insert(pos, helper.make_node("Where", ins, [out], name=f"{where.name}_fused"))
+    replace_nodes(graph, [(where, [where, helper.make_node("Where", ins, [out], name=f"{where.name}_fused")])])
     cache[name] = out
     return out
 
@@ -398,7 +408,7 @@ def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
 
     def const(name, arr):
         if f"{prefix}_{name}" not in have:
-            graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{prefix}_{name}"))
+            add_initializers(graph, {f"{prefix}_{name}": np.asarray(arr)})
         return f"{prefix}_{name}"
 
     nodes = [
@@ -418,7 +428,7 @@ def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
     ]
     for i, node in enumerate(nodes):
         node.name = f"{prefix}_node{i}"
-        graph.node.insert(i, node)
+    insert_nodes(graph, nodes)
     return n("seqlens_k"), n("total"), n("query_seqlens")
 
 
@@ -463,14 +473,9 @@ def _past_length_from_mask(graph: onnx.GraphProto, past: set[str], fused: set[st
         helper.make_node("Sub", [f"{prefix}_mask_len", f"{prefix}_step_len"], [length], name=f"{prefix}_past_length"),
     ]
     for node in rewrites:
-        out = node.output[0]
-        for other in graph.node:
-            for k, x in enumerate(other.input):
-                if x == out:
-                    other.input[k] = length
-        graph.node.remove(node)
-    for k, node in enumerate(new):
-        graph.node.insert(k, node)
+        rename_input(graph, node.output[0], length)
+    remove_nodes(graph, rewrites)
+    insert_nodes(graph, new)
     return ""
 
 
@@ -518,7 +523,7 @@ def _rewire_output(
                     users[0].input[k] = fused_out
             return []
     shape = f"fused_attention_{i}_heads_shape"
-    graph.initializer.append(numpy_helper.from_array(np.array([0, 0, num_heads, head_dim], np.int64), shape))
+    add_initializers(graph, {shape: np.array([0, 0, num_heads, head_dim], np.int64)})
     return [helper.make_node("Reshape", [fused_out, shape], [t_out], name=f"fused_attention_{i}_heads")]
 
 
@@ -580,14 +585,14 @@ def retarget(model: onnx.ModelProto, op: str) -> tuple[onnx.ModelProto, int]:
     graph = out.graph
     lengths = _gqa_lengths(graph, "fused_attention_lengths") if op == GQA else None
     todo = [n for n in graph.node if swappable(n)]
+    swaps = []
     for node in todo:
         qkv, past, bias = _op_inputs(node)
         new = _make_attention(
             op, qkv, past, bias, list(node.output), node.name, attr(node, "num_heads"), attr(node, "scale"), lengths
         )
-        pos = list(graph.node).index(node)
-        graph.node.remove(node)
-        graph.node.insert(pos, new)
+        swaps.append((node, [new]))
+    replace_nodes(graph, swaps)
     if op == GQA:
         _share_kv(graph)
     remove_dead_nodes(graph)
@@ -695,13 +700,9 @@ def fuse_attention(
             lengths,
         )
         extra = _rewire_output(graph, index, m, fused_out, num_heads, head_dim, i)
-        pos = list(graph.node).index(m.out_transpose)
-        for k, new in enumerate([node, *extra]):
-            graph.node.insert(pos + k, new)
-        for cat in m.present_concats:
-            graph.node.remove(cat)
-    if not any(o.domain == MS_DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        insert_nodes(graph, [node, *extra], before=m.out_transpose)
+        remove_nodes(graph, m.present_concats)
+    ensure_opset(out, MS_DOMAIN, 1)
     remove_dead_nodes(graph)
     if op == GQA:
         unfused = len(softmaxes) - len(matches)
@@ -709,10 +710,7 @@ def fuse_attention(
             f"{unfused} of {len(softmaxes)} attention layers are not fused" if unfused else _share_kv(graph)
         )
     report["kv_cache"] = kv_cache_mode(out)
-    live = {x for n in graph.node for x in (*n.input, *n.output)}
-    vis = [vi for vi in graph.value_info if vi.name in live]
-    del graph.value_info[:]
-    graph.value_info.extend(vis)
+    prune_value_info(graph)
     report["fused"] = len(matches)
     report["nodes_after"] = len(graph.node)
     return out, report

@@ -11,16 +11,14 @@ that at some accuracy cost. CPUs with AVX-VNNI / AVX512-VNNI, and ARM, don't nee
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
 from pathlib import Path
 
-from .errors import QuantError
 from .exclude import lm_head_nodes, resolve_exclude
 from .lm_head import untie_lm_head
-from .report import describe
-from .tied_int8 import share_tied_int8
+from .ort import failure, quiet_ort_logging
+from .report import HeadResult, PassResult, pass_result, weight_bytes
+from .tied import share_tied_int8
 
 
 def cpu_has_vnni() -> bool | None:
@@ -34,23 +32,6 @@ def cpu_has_vnni() -> bool | None:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-@contextlib.contextmanager
-def quiet_ort_logging():
-    """ORT's quantizers log through the root logger and their own; the caller owns the output."""
-    loggers = [
-        logging.getLogger(n)
-        for n in ("", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=False):
-            lg.setLevel(level)
-
-
 def quantize_int8(
     model,
     per_channel: bool = False,
@@ -59,11 +40,11 @@ def quantize_int8(
     share_embedding: bool = True,
     quantize_embedding: bool = False,
     workdir=None,
-):
-    """Return ``(model, info)``; ``model`` is an optimized fp32 decoder graph (see ``optimize``).
+) -> tuple[object, PassResult]:
+    """Return ``(model, result)``; ``model`` is an optimized fp32 decoder graph (see ``optimize``).
 
     ``share_embedding`` (default) stores the tied embedding/lm_head once as an int8 table in blocks, the
-    weight of an 8-bit ``MatMulNBits`` lm_head whose rows the embedding lookup reads (see ``tied_int8``).
+    weight of an 8-bit ``MatMulNBits`` lm_head whose rows the embedding lookup reads (see ``quant.tied``).
     Without it the lm_head is untied into its own MatMul weight and the embedding Gather stays fp32, or with
     ``quantize_embedding`` gets its own 8-bit table (one scale).
     """
@@ -97,14 +78,9 @@ def quantize_int8(
         except OSError:
             raise
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise QuantError(
-                f"INT8 quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version"
-            ) from None
+            raise failure("INT8 quantization failed", e, "check the onnxruntime version") from None
         qmodel = onnx.load(str(out), load_external_data=True)
-    desc = describe(qmodel)
-    info = {
-        "mode": "int8",
+    details = {
         "weight_type": "int8",
         "activation_type": "uint8 (dynamic)",
         "per_channel": per_channel,
@@ -113,10 +89,10 @@ def quantize_int8(
         "tied_embedding": tied,
         "cpu_vnni": cpu_has_vnni(),
         "lm_head_untied": [u["weight"] for u in untie["untied"]],
-        "weight_bytes": desc["weight_bytes"]["by_type"],
-        "excluded": skipped,
-        "quantized_matmuls": desc["weight_matmuls"]["quantized"],
-        "skipped_matmuls": desc["weight_matmuls"]["float"],
-        "float_weight_fraction": round(desc["weight_bytes"]["float_fraction"], 4),
+        "weight_bytes": weight_bytes(qmodel)["by_type"],
     }
-    return qmodel, info
+    shared = bool(tied.get("shared"))
+    head = HeadResult(8, tied.get("block_size") if shared else None, True, shared)
+    return qmodel, pass_result(
+        "int8", qmodel, skipped, details, head=head, cpu_vnni=details["cpu_vnni"], reduce_range=reduce_range
+    )

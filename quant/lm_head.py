@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import consumers, initializers, producers
+from .graph import add_initializers, consumers, drop_unused_initializers, initializers, producers, remove_nodes
 
 
 def untie_lm_head(model) -> tuple:
@@ -19,7 +19,7 @@ def untie_lm_head(model) -> tuple:
 
     inits, prods, uses = initializers(model), producers(model), consumers(model)
     untied = []
-    drop_nodes = set()
+    drop_nodes = []
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
@@ -33,20 +33,17 @@ def untie_lm_head(model) -> tuple:
         name = f"{w.name}_transposed"
         if name not in inits:
             arr = np.ascontiguousarray(numpy_helper.to_array(w).T)
-            t = numpy_helper.from_array(arr, name)
-            model.graph.initializer.append(t)
-            inits[name] = t
+            add_initializers(model.graph, {name: arr})
+            inits[name] = model.graph.initializer[-1]
         node.input[1] = name
         if all(u is node for u in uses.get(tr.output[0], [])) and tr.output[0] not in {
             o.name for o in model.graph.output
         }:
-            drop_nodes.add(id(tr))
+            if all(d is not tr for d in drop_nodes):
+                drop_nodes.append(tr)
         untied.append({"node": node.name, "weight": w.name, "shape": [int(w.dims[1]), int(w.dims[0])]})
-    if drop_nodes:
-        keep = [n for n in model.graph.node if id(n) not in drop_nodes]
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
-    _drop_unused_initializers(model)
+    remove_nodes(model.graph, drop_nodes)
+    drop_unused_initializers(model.graph)
     return model, {"untied": untied}
 
 
@@ -60,11 +57,3 @@ def embedding_gathers(model) -> list:
             if len(t.dims) == 2 and t.data_type == 1:
                 out.append(n)
     return out
-
-
-def _drop_unused_initializers(model) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)

@@ -7,15 +7,15 @@ in ``STEPS`` after ``ort_fusions``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import QuantError
-from .graph import ModelLike, consumers, ensure_opset, initializers, load
+from .graph import ModelLike, add_initializers, attrs, consumers, ensure_opset, initializers, load, replace_nodes
+from .ort import failure, quiet_ort_logging
 from .report import op_counts
 
 #: Contrib/fused ops worth reporting, in the order they are printed.
@@ -46,26 +46,23 @@ def gemm_to_matmul(model, num_heads: int = 0, hidden_size: int = 0, only_biasles
 
     inits = initializers(model)
     uses = consumers(model)
-    new_nodes, rewritten = [], 0
+    changes = []
     for node in model.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        a = attrs(node)
         biasless = len(node.input) < 3 or node.input[2] == ""
-        if (
-            node.op_type != "Gemm"
-            or attrs.get("transA", 0)
-            or node.input[1] not in inits
-            or (only_biasless and not biasless)
-        ):
-            new_nodes.append(node)
+        if node.op_type != "Gemm" or a.get("transA", 0) or node.input[1] not in inits:
             continue
+        if only_biasless and not biasless:
+            continue
+        new_nodes = []
         wname = node.input[1]
-        alpha = float(attrs.get("alpha", 1.0))
-        if attrs.get("transB", 0) or alpha != 1.0:
+        alpha = float(a.get("alpha", 1.0))
+        if a.get("transB", 0) or alpha != 1.0:
             w = numpy_helper.to_array(inits[wname])
-            w = np.ascontiguousarray((w.T if attrs.get("transB", 0) else w) * np.float32(alpha), dtype=np.float32)
+            w = np.ascontiguousarray((w.T if a.get("transB", 0) else w) * np.float32(alpha), dtype=np.float32)
             if len(uses.get(wname, [])) > 1:  # shared: keep the original for its other users
                 wname = f"{wname}_matmul"
-                model.graph.initializer.append(numpy_helper.from_array(w, wname))
+                add_initializers(model.graph, {wname: w})
             else:
                 inits[wname].CopyFrom(numpy_helper.from_array(w, wname))
         has_bias = len(node.input) > 2 and node.input[2] != ""
@@ -78,7 +75,7 @@ def gemm_to_matmul(model, num_heads: int = 0, hidden_size: int = 0, only_biasles
         )
         if has_bias:
             bias = node.input[2]
-            beta = float(attrs.get("beta", 1.0))
+            beta = float(a.get("beta", 1.0))
             if beta != 1.0:
                 if bias not in inits:
                     raise QuantError(
@@ -86,14 +83,13 @@ def gemm_to_matmul(model, num_heads: int = 0, hidden_size: int = 0, only_biasles
                     )
                 b = numpy_helper.to_array(inits[bias]) * np.float32(beta)
                 bias = f"{bias}_beta"
-                model.graph.initializer.append(numpy_helper.from_array(b.astype(np.float32), bias))
+                add_initializers(model.graph, {bias: b.astype(np.float32)})
             new_nodes.append(
                 onnx.helper.make_node("Add", [mm_out, bias], [out], name=f"{node.name}_Add" if node.name else "")
             )
-        rewritten += 1
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    return model, {"gemm_rewritten": rewritten}
+        changes.append((node, new_nodes))
+    replace_nodes(model.graph, changes)
+    return model, {"gemm_rewritten": len(changes)}
 
 
 def biasless_gemm_to_matmul(model, num_heads: int = 0, hidden_size: int = 0):
@@ -107,12 +103,8 @@ def ort_fusions(model, num_heads: int, hidden_size: int):
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("gpt2")
-    buf = io.StringIO()
-    logger = logging.getLogger("onnxruntime.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with quiet_ort_logging(("onnxruntime.transformers",), logging.ERROR, capture_output=True):
             opt = optimize_model(
                 model,
                 model_type="gpt2",
@@ -123,12 +115,7 @@ def ort_fusions(model, num_heads: int, hidden_size: int):
                 use_gpu=False,
             )
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise QuantError(
-            f"onnxruntime's transformer optimizer failed ({type(e).__name__}: {reason}); check the onnxruntime version"
-        ) from None
-    finally:
-        logger.setLevel(level)
+        raise failure("onnxruntime's transformer optimizer failed", e, "check the onnxruntime version") from None
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     model = opt.model
     if any(n.domain == "com.microsoft" for n in model.graph.node):
@@ -149,6 +136,20 @@ def attention_fusion(model, num_heads: int, hidden_size: int, op: str = "GroupQu
 
 Step = Callable[..., tuple]
 
+
+@dataclass
+class OptimizeReport:
+    """What ``optimize`` did: op counts before/after, the fused contrib ops, each step's own info."""
+
+    ops_before: dict
+    ops_after: dict = field(default_factory=dict)
+    steps: dict = field(default_factory=dict)
+    #: contrib/fused op -> count, in ``FUSED_OPS`` order (recorded in the manifest's recipe)
+    fused: dict = field(default_factory=dict)
+    #: "shared" when the graph accepts in-place KV buffers (see ``quant.attention``), else "concat"
+    kv_cache: str = "concat"
+
+
 #: The optimization pipeline, in order.
 STEPS: list[tuple[str, Step]] = [
     ("biasless_gemm", biasless_gemm_to_matmul),
@@ -167,11 +168,9 @@ def optimize(
     fuse_attention: bool = True,
     attention_op: str = "GroupQueryAttention",
 ):
-    """Run the optimization steps; return ``(model, report)``.
+    """Run the optimization steps; return ``(model, OptimizeReport)``.
 
-    The report has the op counts before/after, the fused op counts, each step's own info and
-    ``kv_cache``: "shared" when the graph accepts in-place KV buffers (see ``quant.attention``), else
-    "concat". ``fuse_attention=False`` skips the attention step; ``attention_op`` picks its contrib op
+    ``fuse_attention=False`` skips the attention step; ``attention_op`` picks its contrib op
     (GroupQueryAttention or MultiHeadAttention).
     """
     if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
@@ -179,8 +178,7 @@ def optimize(
             f"hidden size {hidden_size} is not a multiple of {num_heads} heads; pass the model's n_head and n_embd"
         )
     model = load(model)
-    before = op_counts(model)
-    report: dict = {"steps": {}}
+    report = OptimizeReport(ops_before=op_counts(model))
     for name, step in [s for s in (STEPS if steps is None else steps) if fuse_attention or s[0] != "attention"]:
         progress(f"optimize: {name}")
         model, info = (
@@ -188,10 +186,8 @@ def optimize(
             if name == "attention"
             else step(model, num_heads, hidden_size)
         )
-        report["steps"][name] = info
-    after = op_counts(model)
-    report["ops_before"] = before
-    report["ops_after"] = after
-    report["fused"] = {op: after[op] for op in FUSED_OPS if after.get(op)}
-    report["kv_cache"] = report["steps"].get("attention", {}).get("kv_cache", "concat")
+        report.steps[name] = info
+    report.ops_after = after = op_counts(model)
+    report.fused = {op: after[op] for op in FUSED_OPS if after.get(op)}
+    report.kv_cache = report.steps.get("attention", {}).get("kv_cache", "concat")
     return model, report

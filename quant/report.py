@@ -1,8 +1,10 @@
-"""What a graph holds: op counts, weight bytes by precision, quantized vs float weight MatMuls."""
+"""What a graph holds (op counts, weight bytes by precision, quantized vs float weight MatMuls) and what a
+quantization pass did (``PassResult``)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 from .graph import initializers, producers, tensor_bytes
 
@@ -102,3 +104,42 @@ def describe(model) -> dict:
         "weight_bytes": wb,
         "matmul_weight_bytes": matmul_weight_bytes(model),
     }
+
+
+@dataclass
+class HeadResult:
+    """How a pass stored the lm_head."""
+
+    bits: int
+    block_size: int | None
+    symmetric: bool
+    #: the embedding lookup reads the lm_head's quantized table (the tied matrix is stored once)
+    shared_with_embedding: bool
+
+
+@dataclass
+class PassResult:
+    """What a quantization pass did; ``details`` is the plain JSON a package records (``recipe.details``)."""
+
+    mode: str
+    excluded: list[str]
+    quantized_matmuls: int
+    skipped_matmuls: int
+    float_weight_fraction: float
+    head: HeadResult | None = None
+    #: int8 only: the CPU has VNNI (None when unknown), and whether weights were quantized to 7 bits
+    cpu_vnni: bool | None = None
+    reduce_range: bool = False
+    details: dict = field(default_factory=dict)
+
+
+def pass_result(mode: str, model, excluded: list[str], details: dict, **typed) -> PassResult:
+    """A ``PassResult`` whose counts come from ``describe(model)``; they are added to ``details`` too."""
+    desc = describe(model)
+    counts = {
+        "excluded": excluded,
+        "quantized_matmuls": desc["weight_matmuls"]["quantized"],
+        "skipped_matmuls": desc["weight_matmuls"]["float"],
+        "float_weight_fraction": round(desc["weight_bytes"]["float_fraction"], 4),
+    }
+    return PassResult(mode=mode, **counts, **typed, details={"mode": mode, **details, **counts})

@@ -158,7 +158,7 @@ def test_shape_b_and_gqa_structure(graphs_b):
 
 def test_mask_bias_fill_is_finite_in_half_precision(graphs_a):
     """The fused ops get the graph's mask with its fill raised to -10000 (float32 min is -inf in fp16)."""
-    from quant.graph_match import GraphIndex
+    from quant.graph import GraphIndex
 
     fused, _ = graphs_a.fused("optimized")
     index = GraphIndex(fused.graph)
@@ -174,14 +174,14 @@ def test_optimize_pipeline_fuses_attention_by_default(graphs_a):
     from quant.optimize import optimize
 
     model, report = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden)
-    assert report["fused"].get("GroupQueryAttention") == graphs_a.n_layer
-    assert report["steps"]["attention"]["fused"] == graphs_a.n_layer
-    assert report["kv_cache"] == "shared"
+    assert report.fused.get("GroupQueryAttention") == graphs_a.n_layer
+    assert report.steps["attention"]["fused"] == graphs_a.n_layer
+    assert report.kv_cache == "shared"
     assert _io(model) == _io(graphs_a.raw)
     mha, report = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden, attention_op=MHA)
-    assert report["fused"].get("MultiHeadAttention") == graphs_a.n_layer and report["kv_cache"] == "concat"
+    assert report.fused.get("MultiHeadAttention") == graphs_a.n_layer and report.kv_cache == "concat"
     _, off = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden, fuse_attention=False)
-    assert "MultiHeadAttention" not in off["fused"] and "attention" not in off["steps"] and off["kv_cache"] == "concat"
+    assert "MultiHeadAttention" not in off.fused and "attention" not in off.steps and off.kv_cache == "concat"
 
 
 def test_optimize_is_idempotent_and_retargets(graphs_a):
@@ -192,9 +192,9 @@ def test_optimize_is_idempotent_and_retargets(graphs_a):
     g = graphs_a
     once, _ = optimize(g.raw, g.n_head, g.hidden)
     twice, report = optimize(once, g.n_head, g.hidden)
-    assert report["kv_cache"] == "shared" and report["fused"]["GroupQueryAttention"] == g.n_layer
+    assert report.kv_cache == "shared" and report.fused["GroupQueryAttention"] == g.n_layer
     mha, report = optimize(once, g.n_head, g.hidden, attention_op=MHA)
-    assert report["steps"]["attention"]["retargeted"] == g.n_layer and report["kv_cache"] == "concat"
+    assert report.steps["attention"]["retargeted"] == g.n_layer and report.kv_cache == "concat"
     assert "GroupQueryAttention" not in Counter(n.op_type for n in mha.graph.node)
     back, n = retarget(mha, GQA)
     assert n == g.n_layer and kv_cache_mode(back) == "shared"
@@ -258,7 +258,7 @@ def test_shared_kv_buffer_equals_concat(graphs_a, graphs_b, which):
 
     g = graphs_a if which == "a" else graphs_b
     model, report = optimize(g.raw, g.n_head, g.hidden)
-    assert report["kv_cache"] == "shared"
+    assert report.kv_cache == "shared"
     ids = np.random.default_rng(7).integers(0, 1000, (3, 6)).astype(np.int64)
     mask = np.ones((3, 6), np.int64)
     mask[1, :2] = 0

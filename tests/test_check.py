@@ -43,8 +43,7 @@ def damage(root: Path, name: str = "int8", factor: float = 3.0, layer: int = 0) 
     import onnx
     from onnx import numpy_helper
 
-    from gpt2deploy.exporting import variant_entry
-    from gpt2deploy.manifest import VARIANT_FILES
+    from gpt2deploy.manifest import VARIANT_FILES, variant_entry
 
     model = onnx.load(str(root / VARIANT_FILES["fp32"]))
     target = f"model.transformer.h.{layer}.mlp.c_fc.weight"

@@ -57,10 +57,10 @@ def _gemm_biases(model) -> list[str]:
 def test_optimize_fuses_and_keeps_logits(fp32_graph):
     ref = _prompt_and_step(fp32_graph)
     opt, report = optimize(copy.deepcopy(fp32_graph), N_HEAD, HIDDEN)
-    assert report["fused"]["SkipLayerNormalization"] == 2 * N_LAYER
-    assert report["fused"]["FastGelu"] == N_LAYER
-    assert "Gemm" not in report["ops_after"]
-    assert report["ops_after"]["Reshape"] < report["ops_before"]["Reshape"]
+    assert report.fused["SkipLayerNormalization"] == 2 * N_LAYER
+    assert report.fused["FastGelu"] == N_LAYER
+    assert "Gemm" not in report.ops_after
+    assert report.ops_after["Reshape"] < report.ops_before["Reshape"]
     for a, b in zip(_prompt_and_step(opt), ref, strict=False):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
@@ -87,9 +87,9 @@ def test_optimize_graph_without_biases(fp32_graph, kind):
     else:
         graph = copy.deepcopy(zeroed)
     opt, report = optimize(graph, N_HEAD, HIDDEN)
-    assert report["fused"]["SkipLayerNormalization"] == 2 * N_LAYER
-    assert report["fused"]["FastGelu"] == N_LAYER
-    assert "Gemm" not in report["ops_after"]
+    assert report.fused["SkipLayerNormalization"] == 2 * N_LAYER
+    assert report.fused["FastGelu"] == N_LAYER
+    assert "Gemm" not in report.ops_after
     for a, b in zip(_prompt_and_step(opt), ref, strict=False):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
@@ -115,7 +115,7 @@ def test_shared_tied_int8_table(fp32_graph):
 
     opt, _ = optimize(copy.deepcopy(fp32_graph), N_HEAD, HIDDEN)
     q, info = quantize_int8(copy.deepcopy(opt))
-    tied = info["tied_embedding"]
+    tied = info.details["tied_embedding"]
     assert tied["shared"] is True and tied["op"] == "MatMulNBits" and tied["bits"] == 8
     inits = initializers(q)
     table = inits[f"{tied['weight']}_q8"]
@@ -132,7 +132,8 @@ def test_shared_tied_int8_table(fp32_graph):
 
 def test_fp16_check_catches_overflow(fp32_graph, tmp_path):
     """Logits scaled past the float16 range become Inf in the fp16 graph: the check refuses it."""
-    from quant.fp16 import check_finite, convert_fp16
+    from quant.fp16 import convert_fp16
+    from quant.sample_check import check_finite
 
     opt, _ = optimize(copy.deepcopy(fp32_graph), N_HEAD, HIDDEN)
     fine, _ = convert_fp16(copy.deepcopy(opt))
@@ -173,13 +174,14 @@ def test_decoder_contract(fp32_graph):
 @pytest.mark.parametrize("head_bits", [4, 8])
 def test_int4_embedding_reads_the_lm_head_blocks(fp32_graph, head_bits):
     """The tied embedding lookup returns exactly the rows MatMulNBits multiplies by (one table, two users)."""
-    from quant.int4 import quantize_int4
-    from quant.tied_nbits import dequantize_rows
+    from quant.blocks import dequantize_rows
+    from quant.nbits import quantize_nbits
 
     opt, _ = optimize(copy.deepcopy(fp32_graph), N_HEAD, HIDDEN)
     w = numpy_helper.to_array(initializers(opt)["model.lm_head.weight"])
-    q, info = quantize_int4(copy.deepcopy(opt), head_bits=head_bits, block_size=16)
-    assert info["tied_embedding"]["shared"] is True and info["tied_embedding"]["bits"] == head_bits
+    q, info = quantize_nbits(copy.deepcopy(opt), head_bits=head_bits, block_size=16)
+    assert info.details["tied_embedding"]["shared"] is True and info.details["tied_embedding"]["bits"] == head_bits
+    assert info.head.bits == head_bits and info.head.shared_with_embedding
     head = next(n for n in q.graph.node if "logits" in n.output)
     table = head.input[1]
     assert sorted(n.op_type for n in q.graph.node if table in n.input) == ["Gather", "MatMulNBits"]

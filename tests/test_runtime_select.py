@@ -9,7 +9,7 @@ import pytest
 
 import gpt2deploy
 from gpt2deploy.errors import VariantError
-from gpt2deploy.exporting import variant_entry
+from gpt2deploy.manifest import variant_entry
 from gpt2deploy.package import Package
 from gpt2deploy.runtime.model import AccuracyWarning, PerformanceWarning
 from gpt2deploy.runtime.select import select_variant

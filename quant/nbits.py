@@ -1,8 +1,9 @@
-"""INT4 (CPU and CUDA): weight-only block quantization with ``MatMulNBits``, the lm_head included.
+"""The n-bit pass (4 or 8 bits): weight-only block quantization with ``MatMulNBits``, the lm_head included.
 
-Each weight MatMul becomes ``MatMulNBits`` (4-bit weights in blocks of ``block_size`` along K, one
+It makes the int4 variant (``bits=4``, CPU and CUDA) and int8 ``granularity="block"`` (``bits=8``, symmetric).
+Each weight MatMul becomes ``MatMulNBits`` (``bits``-bit weights in blocks of ``block_size`` along K, one
 scale and zero point per block); activations stay float. The tied token embedding (a lookup, not a
-MatMul) by default reads the lm_head's own quantized blocks (``embedding="tied"``, see ``tied_nbits``):
+MatMul) by default reads the lm_head's own quantized blocks (``embedding="tied"``, see ``quant.tied``):
 the largest matrix is stored once. Alternatives: ``"int8"`` a separate int8 table with one scale per
 row, ``"int4"`` a separate ``GatherBlockQuantized`` table, ``"fp32"`` the float table. Gemms are rewritten to
 MatMul + Add by ``optimize`` first, because MatMulNBits only replaces MatMul.
@@ -16,22 +17,23 @@ activations to int8 per block and uses integer dot products (fastest on x86 with
 
 from __future__ import annotations
 
+from .blocks import INT8_BLOCK_SIZE, pow2_block
 from .errors import QuantError
 from .exclude import lm_head_nodes, resolve_exclude
-from .int8 import quiet_ort_logging
+from .graph import initializers
 from .lm_head import untie_lm_head
-from .report import describe
-from .tied_int8 import INT8_BLOCK_SIZE, int8_embedding, pow2_block
-from .tied_nbits import share_tied_nbits
+from .ort import failure, quiet_ort_logging
+from .report import HeadResult, PassResult, pass_result
+from .tied import int8_embedding, share_tied_nbits
 
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
-#: The lm_head (and with it the tied embedding) in 8-bit blocks: +3 to +5 points of top-1 agreement and a
-#: third of the perplexity change for ~15% of decode speed; still faster than INT8 (see README).
+#: The lm_head (and with it the tied embedding) of a 4-bit model in 8-bit blocks: more accurate logits for
+#: a little decode speed (chosen by measurement: ``benchmarks/quant_decode.py``, see benchmarks/RESULTS.md).
 DEFAULT_HEAD_BITS = 8
-#: An 8-bit lm_head (tied table) is quantized in symmetric blocks of 128, the int8 variant's layout: on the
-#: GPT-2-small shape as fast as blocks of 32 with zero points, 5 MB smaller, and as accurate on gpt2-ref
-#: (top-1 95.73% vs 95.68%, ppl +0.48% vs +0.58%). A 4-bit head follows the body's blocks.
+#: An 8-bit lm_head (tied table) is quantized in symmetric blocks of 128, the int8 variant's layout: smaller
+#: than blocks of 32 with zero points at the same speed and accuracy (measured as above). A 4-bit head
+#: follows the body's blocks.
 DEFAULT_HEAD_BLOCK_SIZE = INT8_BLOCK_SIZE
 EMBEDDINGS = ("tied", "int8", "int4", "fp32")
 
@@ -43,7 +45,7 @@ def check_block_size(block_size: int) -> None:
         )
 
 
-def quantize_int4(
+def quantize_nbits(
     model,
     block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
@@ -54,11 +56,11 @@ def quantize_int4(
     head_bits: int | None = None,
     head_block_size: int | None = None,
     head_symmetric: bool | None = None,
-):
-    """Return ``(model, info)``; ``model`` is an optimized fp32 decoder graph (see ``optimize``).
+) -> tuple[object, PassResult]:
+    """Return ``(model, result)``; ``model`` is an optimized fp32 decoder graph (see ``optimize``).
 
-    The lm_head (and the tied embedding that reads its blocks) gets ``head_bits`` in blocks of
-    ``head_block_size`` (default ``block_size``), ``head_symmetric`` (default ``symmetric``).
+    ``bits`` (4 or 8) for the body. The lm_head (and the tied embedding that reads its blocks) gets
+    ``head_bits`` in blocks of ``head_block_size`` (default ``block_size``), ``head_symmetric`` (default ``symmetric``).
     """
     check_block_size(block_size)
     head_bits = (DEFAULT_HEAD_BITS if bits == 4 else bits) if head_bits is None else head_bits
@@ -101,9 +103,7 @@ def quantize_int4(
         if not emb_info["tied_embedding"]["shared"]:  # untied or excluded head: a table of its own
             qmodel, more = int8_embedding(qmodel)
             emb_info.update(more)
-    desc = describe(qmodel)
-    info = {
-        "mode": f"int{bits}",
+    details = {
         "op": "MatMulNBits",
         "bits": bits,
         "head_bits": head_bits,
@@ -115,18 +115,16 @@ def quantize_int4(
         "embedding": embedding,
         **emb_info,
         "lm_head_untied": [u["weight"] for u in untie["untied"]],
-        "excluded": skipped,
-        "quantized_matmuls": desc["weight_matmuls"]["quantized"],
-        "skipped_matmuls": desc["weight_matmuls"]["float"],
-        "float_weight_fraction": round(desc["weight_bytes"]["float_fraction"], 4),
     }
-    return qmodel, info
+    tied = bool((emb_info.get("tied_embedding") or {}).get("shared"))
+    head_result = HeadResult(head_bits, head_block_size, head_symmetric, tied)
+    return qmodel, pass_result(f"int{bits}", qmodel, skipped, details, head=head_result)
 
 
 def _head_k(model) -> int | None:
     """K (the hidden size) of the lm_head MatMul's constant weight, if there is one."""
     heads = lm_head_nodes(model)
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = initializers(model)
     node = next((n for n in model.graph.node if heads and n.name == heads[0]), None)
     if node is None or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
         return None
@@ -162,8 +160,5 @@ def _matmul_nbits(model, bits, block_size, symmetric, accuracy_level, op_types, 
     except OSError:
         raise
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise QuantError(
-            f"INT{bits} quantization failed ({type(e).__name__}: {reason}); check the onnxruntime version"
-        ) from None
+        raise failure(f"INT{bits} quantization failed", e, "check the onnxruntime version") from None
     return quantizer.model.model
