@@ -108,6 +108,27 @@ def cli():
     return invoke
 
 
+def assert_cli_error(r, *needles: str, code: int | None = 2, only: bool = False, before: str | None = None) -> str:
+    """The command failed the project's way; return its error line.
+
+    Exit ``code`` (None: any non-zero), no traceback, exactly one ``error: `` line on stderr and it is the
+    last one, naming each of ``needles``. Progress lines may precede it: ``only`` allows none, ``before``
+    requires each to start with that prefix.
+    """
+    assert r.exit_code != 0 if code is None else r.exit_code == code, (r.exit_code, r.output)
+    assert "Traceback" not in r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
+    if only:
+        assert len(lines) == 1, r.stderr
+    if before is not None:
+        assert all(line.startswith(before) for line in lines[:-1]), r.stderr
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
 requires_gpt2_ref = pytest.mark.skipif(
     not GPT2_REF.is_dir(), reason=f"{GPT2_REF} is not present (it is in CI and beside the project root)"
 )

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_cli_error
 
 from gpt2deploy.benchmark.longctx import curve_positions
 from gpt2deploy.benchmark.memory import PeakRss, current_rss, gpu_memory
@@ -169,12 +170,7 @@ def test_config_validation_messages():
 
 
 def _assert_clean_failure(r, *needles: str, out: Path | None = None):
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Traceback" not in r.output
+    assert_cli_error(r, *needles, only=True)
     if out is not None:
         assert not out.exists()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from conftest import assert_cli_error
 
 from gpt2deploy.manifest import load_manifest
 from gpt2deploy.package import Package
@@ -139,13 +140,7 @@ def test_pytorch_bin_weights_load(tmp_path, cli):
 
 
 def _assert_clean_failure(r, out: Path, *needles: str, code: int = 2):
-    assert r.exit_code == code, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr  # progress lines may precede it
-    for n in needles:
-        assert n in errors[0], errors[0]
-    assert "Traceback" not in r.output
+    assert_cli_error(r, *needles, code=code)
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -5,19 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import assert_cli_error
 
 import gpt2deploy
 from gpt2deploy.runtime.providers import cuda_available
 
 
 def _one_line_error(r, *needles, code=2):
-    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return assert_cli_error(r, *needles, code=code)
 
 
 @pytest.fixture(scope="module")

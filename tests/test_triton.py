@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from conftest import assert_cli_error
 
 from gpt2deploy.fsutil import sha256_file
 from gpt2deploy.manifest import load_manifest
@@ -238,12 +239,7 @@ def test_triton_external_data_keeps_its_name(built_copy, tmp_path, cli):
 
 
 def _clean_failure(r, *needles, code=2):
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output
-    err = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(err) == 1, r.stderr
-    for n in needles:
-        assert n in err[0], err[0]
+    assert_cli_error(r, *needles, code=code)
 
 
 def test_triton_existing_model_needs_force(built_package, tmp_path, cli):

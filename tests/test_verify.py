@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_cli_error
 
 from gpt2deploy.errors import IntegrityError, PackageError
 from gpt2deploy.manifest import load_manifest
@@ -34,11 +35,7 @@ def _edit_manifest(root: Path, change) -> None:
 
 def _fails(r, *needles: str, code: int = 1) -> list[str]:
     """The run failed cleanly: exit code, one final 'error:' line, FAIL lines naming the problems."""
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output
-    err = [line for line in r.stderr.splitlines() if line.strip()]
-    assert err and err[-1].startswith("error: ") and sum(line.startswith("error: ") for line in err) == 1, r.stderr
-    text = r.stdout + err[-1]
+    text = r.stdout + assert_cli_error(r, code=code)
     for n in needles:
         assert n in text, text
     return [line for line in r.stdout.splitlines() if line.startswith("FAIL ")]

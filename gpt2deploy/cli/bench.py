@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from .app import app, command, output_file, say
+from .progress import CommandProgress
 
 
 @app.command("bench")
@@ -76,7 +77,8 @@ def bench_cmd(
         plot = output_file(plot, "--plot", ".png")
         require_matplotlib()
 
-    report = bench_package(package, config, all_variants=all_variants, progress=say)
+    with CommandProgress() as p:
+        report = bench_package(package, config, all_variants=all_variants, progress=p.message)
     if plot is not None:
         plot_curves(report, plot)
         say(f"[bench] wrote {plot}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, command, say
+from .progress import CommandProgress
 
 
 @app.command("build")
@@ -51,18 +52,19 @@ def build_cmd(
     from ..building import build_package, format_summary
     from ..inspection import fmt_size
 
-    result = build_package(
-        model,
-        out,
-        variants=variants,
-        text=text,
-        allow_regression=allow_regression,
-        force=force,
-        progress=say,
-        thresholds=threshold or None,
-        opset=opset,
-        max_tokens=max_tokens,
-    )
+    with CommandProgress() as p:
+        result = build_package(
+            model,
+            out,
+            variants=variants,
+            text=text,
+            allow_regression=allow_regression,
+            force=force,
+            progress=p.message,
+            thresholds=threshold or None,
+            opset=opset,
+            max_tokens=max_tokens,
+        )
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     say(f"[build] {timing}")
     typer.echo(format_summary(result.rows))

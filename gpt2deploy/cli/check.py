@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import typer
 
 from .app import app, command, output_file, say
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, a few plain lines otherwise)."""
-
-    def __init__(self, prefix: str = "[check]", width: int = 28, stream=None):
-        self.prefix, self.width = prefix, width
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
-        self.last_quarter = -1
-
-    def __call__(self, done: int, total: int, label: str) -> None:
-        frac = done / total if total else 1.0
-        if self.tty:
-            fill = int(frac * self.width)
-            bar = "#" * fill + "-" * (self.width - fill)
-            elapsed = time.perf_counter() - self.t0
-            self.stream.write(f"\r{self.prefix} [{bar}] {done}/{total} {label:<20.20} {elapsed:5.1f}s")
-            if done >= total:
-                self.stream.write("\n")
-            self.stream.flush()
-            return
-        quarter = int(frac * 4)
-        if quarter != self.last_quarter:
-            self.last_quarter = quarter
-            self.stream.write(f"{self.prefix} {int(frac * 100):3d}% {label}\n")
-            self.stream.flush()
+from .progress import CommandProgress
 
 
 @app.command("check")
@@ -100,20 +71,21 @@ def check_cmd(
         from ..package import Package
 
         variants = list(Package.open(package).variants)
-    report = check_package(
-        package,
-        variants=variants,
-        reference=reference,
-        text=text,
-        max_tokens=max_tokens,
-        baseline=baseline,
-        thresholds=threshold or None,
-        progress=lambda m: say(f"[check] {m}"),
-        record=record,
-        device=device,
-        threads=threads,
-        on_step=ProgressBar(),
-    )
+    with CommandProgress("[check]") as p:
+        report = check_package(
+            package,
+            variants=variants,
+            reference=reference,
+            text=text,
+            max_tokens=max_tokens,
+            baseline=baseline,
+            thresholds=threshold or None,
+            progress=p.message,
+            record=record,
+            device=device,
+            threads=threads,
+            on_step=p.step,
+        )
     typer.echo(format_table(report))
     if out is not None:
         write_report(report, out)

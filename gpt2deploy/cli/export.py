@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, command, say
+from .progress import CommandProgress
 
 
 @app.command("export")
@@ -29,9 +30,10 @@ def export_cmd(
     """Export a GPT-2 checkpoint to an ONNX package with a KV-cache graph, validated against PyTorch."""
     from ..exporting import export_package
 
-    result = export_package(
-        model, out, opset=opset, force=force, atol=atol, progress=lambda m: say(f"[export] {m}"), optimize=not portable
-    )
+    with CommandProgress("[export]") as p:
+        result = export_package(
+            model, out, opset=opset, force=force, atol=atol, progress=p.message, optimize=not portable
+        )
     fp32 = result.manifest["variants"]["fp32"]
     parity = fp32["parity"]
     say(

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, command, say
+from .progress import CommandProgress
 
 
 def _mb(n: int) -> str:
@@ -63,18 +64,19 @@ def quantize_cmd(
     """Add a quantized variant (model_int8 / model_q4 / model_fp16) built from the package's fp32 graph."""
     from ..quantizing import quantize_package
 
-    result = quantize_package(
-        package,
-        mode,
-        per_channel=per_channel,
-        block_size=block_size,
-        exclude=[e for e in exclude.split(",") if e.strip()],
-        force=force,
-        **({"head_bits": head_bits} if head_bits is not None else {}),
-        **({"attention": attention} if attention is not None else {}),
-        **({"granularity": granularity} if granularity is not None else {}),
-        progress=lambda m: say(f"[quantize {mode}] {m}"),
-    )
+    with CommandProgress(f"[quantize {mode}]") as p:
+        result = quantize_package(
+            package,
+            mode,
+            per_channel=per_channel,
+            block_size=block_size,
+            exclude=[e for e in exclude.split(",") if e.strip()],
+            force=force,
+            **({"head_bits": head_bits} if head_bits is not None else {}),
+            **({"attention": attention} if attention is not None else {}),
+            **({"granularity": granularity} if granularity is not None else {}),
+            progress=p.message,
+        )
     s = result["summary"]
     check = s["sample_check"]
     fused = ", ".join(f"{k} x{v}" for k, v in s["fused"].items()) or "none"
