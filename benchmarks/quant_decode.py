@@ -1,7 +1,7 @@
 """Quantized variants: decode speed vs transformers, peak RSS, and accuracy of the recipes.
 
     python benchmarks/quant_decode.py                 # speed + RSS on GPT-2-small shape, accuracy on gpt2-ref
-    python benchmarks/quant_decode.py --skip-speed    # accuracy table only (~1 min)
+    python benchmarks/quant_decode.py --skip-speed    # accuracy table only
 
 Speed: a GPT-2-small-shaped (124M) random checkpoint (speed does not depend on weight values), CPU,
 ``--threads`` threads, batch 1, a 32-token prompt then 128 greedy tokens. Each engine runs in its own

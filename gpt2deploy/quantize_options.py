@@ -16,21 +16,7 @@ ATTENTION = {"int8": "gqa", "int4": "gqa", "fp16": "mha"}
 ATTENTION_OPS = {"gqa": "GroupQueryAttention", "mha": "MultiHeadAttention"}
 #: int8 weight granularities: per tensor and per channel (DynamicQuantizeMatMul), or 8-bit MatMulNBits blocks.
 GRANULARITIES = ("tensor", "channel", "block")
-OPTIONS = {
-    "granularity",
-    "attention",
-    "accuracy_level",
-    "bits",
-    "head_bits",
-    "head_block_size",
-    "head_symmetric",
-    "embedding",
-    "share_embedding",
-    "quantize_embedding",
-    "reduce_range",
-    "symmetric",
-}
-#: Options each pass takes (the rest are rejected by ``OPTIONS`` or consumed here).
+#: Options each pass takes; ``OPTIONS`` are all that ``quantize_package`` accepts.
 INT8_PASS_OPTIONS = ("reduce_range", "share_embedding", "quantize_embedding")
 NBITS_PASS_OPTIONS = (
     "accuracy_level",
@@ -41,6 +27,7 @@ NBITS_PASS_OPTIONS = (
     "embedding",
     "symmetric",
 )
+OPTIONS = {"granularity", "attention", *INT8_PASS_OPTIONS, *NBITS_PASS_OPTIONS}
 
 
 @dataclass(frozen=True)

@@ -359,6 +359,16 @@ def prune_value_info(graph) -> None:
         graph.value_info.extend(keep)
 
 
+def table_gathers(model) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
+    """``(node, table)`` for each ``Gather`` along axis 0 whose data is an initializer (embedding lookups)."""
+    inits = initializers(model)
+    return [
+        (node, inits[node.input[0]])
+        for node in model.graph.node
+        if node.op_type == "Gather" and node.input[0] in inits and attr(node, "axis", 0) == 0
+    ]
+
+
 def ids_rank(model, name: str) -> int | None:
     """The rank of an index tensor (embedding ids): from value_info/inputs or a constant Reshape target."""
     for vi in list(model.graph.input) + list(model.graph.value_info):

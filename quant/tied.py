@@ -43,6 +43,7 @@ from .graph import (
     producers,
     remove_initializers,
     replace_nodes,
+    table_gathers,
 )
 
 
@@ -137,14 +138,7 @@ def share_tied_nbits(model) -> tuple:
     zp = numpy_helper.to_array(inits[zname]) if zname else None
     nb = b.shape[1]
     gathers = []
-    for node in model.graph.node:
-        if (
-            node.op_type != "Gather"
-            or node.input[0] not in inits
-            or any(x.i != 0 for x in node.attribute if x.name == "axis")
-        ):
-            continue
-        t = inits[node.input[0]]
+    for node, t in table_gathers(model):
         if (
             t.data_type == onnx.TensorProto.FLOAT
             and list(t.dims) == [n, k]
@@ -252,18 +246,11 @@ def int8_embedding(model, min_rows: int = 1024) -> tuple:
     import onnx
     from onnx import helper, numpy_helper
 
-    inits, uses = initializers(model), consumers(model)
+    uses = consumers(model)
     replace: list[tuple] = []
     new_inits: dict[str, np.ndarray] = {}
     dropped, done = set(), []
-    for node in model.graph.node:
-        if (
-            node.op_type != "Gather"
-            or node.input[0] not in inits
-            or any(a.i != 0 for a in node.attribute if a.name == "axis")
-        ):
-            continue
-        t = inits[node.input[0]]
+    for node, t in table_gathers(model):
         if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2 or t.dims[0] < min_rows:
             continue
         if any(u is not node for u in uses.get(t.name, [])):

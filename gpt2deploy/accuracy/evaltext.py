@@ -19,7 +19,7 @@ from ..errors import UsageError
 
 #: Window length in tokens (shorter when the model's context is shorter).
 WINDOW = 128
-#: Tokens evaluated by default: 32 windows of 128. About a minute per variant for GPT-2-small on 2 CPU cores.
+#: Tokens evaluated by default: 32 windows of 128.
 DEFAULT_MAX_TOKENS = 4096
 #: Greedy continuation probe: prompts x tokens generated with cached decoding.
 GREEDY_PROMPTS = 8

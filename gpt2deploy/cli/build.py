@@ -57,13 +57,13 @@ def build_cmd(
             model,
             out,
             variants=variants,
+            thresholds=threshold or None,
             text=text,
+            max_tokens=max_tokens,
             allow_regression=allow_regression,
             force=force,
-            progress=p.message,
-            thresholds=threshold or None,
             opset=opset,
-            max_tokens=max_tokens,
+            progress=p.message,
         )
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     say(f"[build] {timing}")

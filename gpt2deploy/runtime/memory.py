@@ -9,7 +9,7 @@ session exists, its large mappings of the data files (``SPARSE_MIN`` and up: the
 at a time) are advised as random access and their cached pages are dropped. A lookup then faults in the
 page it reads and nothing else. Small mappings (scales, biases, norms), which every step reads whole, keep
 their cached pages: dropping those too made the first step after loading read them back from disk one
-page at a time (~130 ms at GPT-2-small shape).
+page at a time (a slower first step).
 Resident memory is measured honestly either way: this changes what the process holds, not how it is
 counted. Linux only; a no-op elsewhere.
 
