@@ -129,6 +129,17 @@ def assert_cli_error(r, *needles: str, code: int | None = 2, only: bool = False,
     return errors[0]
 
 
+#: Fixtures that make a model (a seeded checkpoint, then exports and builds from it): a test using one, even
+#: indirectly, is in the slow tier. ``pytest -m "not slow"`` runs the rest, the fast tier.
+MODEL_FIXTURES = {"tiny_checkpoint", "tiny_checkpoint_b"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 requires_gpt2_ref = pytest.mark.skipif(
     not GPT2_REF.is_dir(), reason=f"{GPT2_REF} is not present (it is in CI and beside the project root)"
 )

@@ -415,6 +415,7 @@ def test_bad_arguments(graphs_a):
 # ------------------------------------------------------------------------------------ trained model
 
 
+@pytest.mark.slow
 @requires_gpt2_ref
 def test_gpt2_ref_real_text(tmp_path):
     """A trained model on real text: left-padded batch, decode steps, greedy continuation identical."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from conftest import assert_cli_error
 
 from gpt2deploy.manifest import load_manifest
@@ -123,6 +124,7 @@ def test_cli_export_success_and_force(tmp_path, tiny_checkpoint, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
+@pytest.mark.slow
 def test_pytorch_bin_weights_load(tmp_path, cli):
     from conftest import TOKENIZER_DIR
 

@@ -149,6 +149,7 @@ def test_portable_graph_takes_it_too(tiny_portable_package):
     np.testing.assert_allclose(KVStepper(dec, 2, ROWS.shape[1] + 2).prefill(ROWS, MASK), full[:, -1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_untied_lm_head(tmp_path):
     """A fine-tune whose lm_head has its own weights: the same input, in every variant."""
     from conftest import SHAPE_A, make_checkpoint
