@@ -62,7 +62,7 @@ GATES: dict[str, Gate] = {
 #: Default thresholds per precision, set with headroom over what ``gpt2deploy check`` measures on the trained
 #: reference GPT-2 (4 layers, 256 hidden) with the default text, for variants from ``gpt2deploy quantize``, so
 #: that models with larger logits (GPT-2-small...xl) pass and a broken quantization (e.g. one layer's MLP input
-#: weights scaled up) fails. The measurements behind them are in benchmarks/RESULTS.md.
+#: weights scaled up) fails. ``benchmarks/accuracy.py`` records the measurements in benchmarks/RESULTS.md.
 DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": {
         "ppl_delta": 1e-4,
