@@ -2,7 +2,8 @@
 
 Reading: ``initializers``/``producers``/``consumers`` maps, ``GraphIndex`` (who produces or consumes a
 tensor, constant values, ranks) for pattern matchers that return ``None`` on any mismatch, ``attr``/``attrs``.
-Writing: ``replace_nodes``/``remove_nodes``/``insert_nodes`` keep the node list in order and rebuild it once;
+Writing: ``replace_nodes``/``remove_nodes``/``insert_nodes`` edit the node list in place and in order (nodes
+held by a matcher stay valid);
 ``add_initializers``/``remove_initializers``/``drop_unused_initializers``, ``rename_input``, ``ensure_opset``,
 ``remove_dead_nodes``, ``prune_value_info``. A pass plans its rewrite with the index, then applies it here.
 """
