@@ -3,9 +3,9 @@
 Reading: ``initializers``/``producers``/``consumers`` maps, ``GraphIndex`` (who produces or consumes a
 tensor, constant values, ranks) for pattern matchers that return ``None`` on any mismatch, ``attr``/``attrs``.
 Writing: ``replace_nodes``/``remove_nodes``/``insert_nodes`` edit the node list in place and in order (nodes
-held by a matcher stay valid);
-``add_initializers``/``remove_initializers``/``drop_unused_initializers``, ``rename_input``, ``ensure_opset``,
-``remove_dead_nodes``, ``prune_value_info``. A pass plans its rewrite with the index, then applies it here.
+held by a matcher stay valid); ``add_initializers``/``remove_initializers``/``drop_unused_initializers``,
+``rename_input``, ``ensure_opset``, ``remove_dead_nodes``, ``prune_value_info``. A pass plans its rewrite with
+the index, then applies it here.
 """
 
 from __future__ import annotations
