@@ -54,6 +54,15 @@ def serve_cmd(
     grace: float = typer.Option(10.0, "--grace", help="Seconds in-flight requests may finish after SIGTERM/SIGINT."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of the package files."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (critical, error, warning, info)."),
+    ray: bool = typer.Option(False, "--ray", help="Serve as Ray Serve replicas (the 'ray' extra); see --replicas."),
+    replicas: int | None = typer.Option(None, "--replicas", help="With --ray: number of replicas (default 1)."),
+    autoscale: str | None = typer.Option(None, "--autoscale", help="With --ray: MIN,MAX replicas, scaled by load."),
+    threads_per_replica: int = typer.Option(
+        1, "--threads-per-replica", help="With --ray: CPUs each replica reserves = its ONNX Runtime threads."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --ray: cluster to join (HOST:PORT or 'auto'; default: start a local one)."
+    ),
 ) -> None:
     """Serve PACKAGE over HTTP with the OpenAI completions API, streaming and continuous batching."""
     from ..errors import UsageError
@@ -72,6 +81,17 @@ def serve_cmd(
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("gpt2deploy serve needs the web server packages; pip install 'gpt2deploy[serve]'") from None
+    if ray:
+        from .serve_ray import serve_on_ray
+
+        return serve_on_ray(
+            str(package), host=host, port=port, variant=variant, device=device, threads=threads, max_batch=max_batch,
+            max_queue=max_queue, api_key=api_key or os.environ.get(API_KEY_ENV) or None, cors=tuple(cors or ()),
+            max_body=max_body, grace=grace, verify=not no_verify, prefill_chunk=prefill_chunk, replicas=replicas,
+            autoscale=autoscale, threads_per_replica=threads_per_replica, address=ray_address,
+        )  # fmt: skip
+    if replicas is not None or autoscale is not None or ray_address is not None:
+        raise UsageError("--replicas, --autoscale and --ray-address need --ray")
     from ..serving.app import create_app
     from ..serving.engine import Engine
     from ..serving.protocol import Limits
