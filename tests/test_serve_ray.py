@@ -104,7 +104,9 @@ def two_replicas(ray_serve, tiny_package):
 
     from gpt2deploy.serving import ray as rs
 
-    opts = rs.RayOptions(str(tiny_package), replicas=2, threads_per_replica=1, health_check_period_s=1.0)
+    # The options a Serve config file or `serve run ... key=value` passes to app_builder.
+    args = {"package": str(tiny_package), "replicas": "2", "threads_per_replica": "1", "health_check_period_s": "1"}
+    opts = rs.options_from_args(args)
     url = rs.deploy(opts, host="127.0.0.1", port=int(ray_serve.rsplit(":", 1)[1]), timeout=240)
     assert url == ray_serve
     yield url
@@ -146,8 +148,22 @@ async def _complete(client: httpx.AsyncClient, prompt: str, stream: bool):
         return r.status_code, replica, "".join(parts), done
 
 
+def _proxy_reaches(url: str, replicas: int = 2, timeout: float = 90.0) -> set[str]:
+    """Replica ids seen in /health answers through the proxy, until ``replicas`` were seen (the proxy learns of
+    new replicas shortly after the application reports RUNNING)."""
+    seen, deadline = set(), time.monotonic() + timeout
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while len(seen) < replicas and time.monotonic() < deadline:
+            r = client.get("/health")
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-gpt2deploy-replica"])
+    return seen
+
+
 @pytest.mark.timeout(420)
 def test_two_replicas_serve_the_same_outputs_and_share_the_load(two_replicas, expected):
+    assert len(_proxy_reaches(two_replicas)) == 2
+
     async def load():
         async with httpx.AsyncClient(base_url=two_replicas, timeout=120) as client:
             return await asyncio.gather(*(_complete(client, p, i % 4 == 0) for i, p in enumerate(PROMPTS)))
@@ -265,23 +281,104 @@ def test_killed_replica_fails_cleanly_and_is_restarted(two_replicas, expected):
         assert status == 200 and whole and text == expected[prompt]
 
 
-@pytest.mark.timeout(300)
-def test_package_replicas_cannot_read_is_one_line(ray_serve, tmp_path, two_replicas):
+@pytest.mark.timeout(400)
+def test_unreadable_package_and_zip_uri(ray_serve, tmp_path, two_replicas, tiny_package, expected):
+    import shutil
+
     from ray import serve
 
     from gpt2deploy.errors import PackageError
     from gpt2deploy.serving import ray as rs
 
-    missing = tmp_path / "not-there"
-    opts = rs.RayOptions(str(missing), replicas=1)
     port = int(ray_serve.rsplit(":", 1)[1])
     serve.delete(rs.APP_NAME)  # the app name is shared; this test runs last in the module
+    missing = tmp_path / "not-there"
     with pytest.raises(PackageError) as e:
-        rs.deploy(opts, host="127.0.0.1", port=port, timeout=240)
+        rs.deploy(rs.RayOptions(str(missing), replicas=1), host="127.0.0.1", port=port, timeout=240)
     msg = str(e.value)
     assert "\n" not in msg and "cannot read the package" in msg and str(missing) in msg
     assert "storage every node mounts" in msg
     assert rs.APP_NAME not in serve.status().applications
+
+    # A .zip URI: Ray downloads and unpacks it on each node; the replica loads the package from there.
+    archive = shutil.make_archive(str(tmp_path / "pkg"), "zip", root_dir=tiny_package.parent, base_dir="pkg")
+    url = rs.deploy(rs.RayOptions(f"file://{archive}", replicas=1), host="127.0.0.1", port=port, timeout=240)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            prompt = PROMPTS[0]
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[prompt]
+    finally:
+        serve.delete(rs.APP_NAME)
+
+
+@pytest.mark.timeout(400)
+def test_cli_serve_ray_joins_the_cluster_and_stops_on_sigint(ray_serve, tiny_package, expected):
+    import queue
+    import threading
+
+    import ray
+    from ray import serve
+
+    from gpt2deploy.serving import ray as rs
+
+    assert rs.APP_NAME not in serve.status().applications  # earlier tests deleted theirs
+    gcs = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-c", "from gpt2deploy.cli import main; main()", "serve", str(tiny_package), "--ray"]
+    cmd += ["--ray-address", gcs, "--replicas", "1", "--port", ray_serve.rsplit(":", 1)[1]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    try:
+        deadline, seen = time.monotonic() + 300, []
+        while not any(f"{ray_serve}/v1" in x for x in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        assert any("1 replica(s) x 1 thread(s)" in x for x in seen), seen
+        with httpx.Client(base_url=ray_serve, timeout=60) as client:
+            prompt = PROMPTS[2]
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[prompt]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rs.APP_NAME not in serve.status().applications  # deleted; the cluster and Serve keep running
+    assert ray.is_initialized()
+
+
+def test_app_builder_options(tiny_package):
+    from ray import serve
+
+    from gpt2deploy.errors import UsageError
+    from gpt2deploy.serving import ray as rs
+
+    args = {"package": str(tiny_package), "autoscale": "1,3", "threads_per_replica": "2", "max_batch": "4"}
+    assert isinstance(rs.app_builder(args), serve.Application)
+    opts = rs.options_from_args(args)
+    assert opts.autoscale == (1, 3) and opts.threads_per_replica == 2
+    dep = rs.deployment_options(opts)
+    assert dep["ray_actor_options"]["num_cpus"] == 2 and "num_replicas" not in dep
+    assert dep["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
+    assert dep["max_ongoing_requests"] == 8  # a full batch running and one waiting per replica
+    assert rs.deployment_options(rs.RayOptions("p", replicas=3))["num_replicas"] == 3
+    uri_opts = rs.deployment_options(opts, "https://example.org/pkg.zip")
+    assert uri_opts["ray_actor_options"]["runtime_env"] == {"working_dir": "https://example.org/pkg.zip"}
+    assert rs.package_source("file:///srv/pkg.zip") == (None, "file:///srv/pkg.zip")
+    assert rs.package_source("local:///srv/pkg") == ("/srv/pkg", None)
+    for bad in ({"package": "p", "replica": "2"}, {"replicas": "2"}, {"package": "p", "replicas": "two"}):
+        with pytest.raises(UsageError):
+            rs.options_from_args(bad)
+    with pytest.raises(UsageError, match="not a .zip"):
+        rs.package_source("https://example.org/pkg")
+    with pytest.raises(UsageError, match="--replicas"):
+        rs.build(rs.RayOptions("p", replicas=0))
 
 
 def _cli(*args, env_extra=None, pre="", timeout=120):

@@ -258,6 +258,11 @@ def app_builder(args: dict):
     """Application builder for ``serve run gpt2deploy.serving.ray:app_builder package=PATH replicas=2`` and Serve
     config files (``import_path: gpt2deploy.serving.ray:app_builder`` with ``args:``). Keys are RayOptions
     fields (``package`` required; ``autoscale`` as ``MIN,MAX``; ``cors`` comma-separated)."""
+    return build(options_from_args(args))
+
+
+def options_from_args(args: dict) -> RayOptions:
+    """RayOptions from ``key=value`` strings (``serve run``) or a config file's typed ``args``."""
     args = dict(args or {})
     if "package" not in args and "pkg" in args:
         args["package"] = args.pop("pkg")
@@ -284,7 +289,7 @@ def app_builder(args: dict):
                 kw[key] = value
         except (TypeError, ValueError):
             raise UsageError(f"argument {key}={value!r} has the wrong type") from None
-    return build(RayOptions(**kw))
+    return RayOptions(**kw)
 
 
 build_app = app_builder
@@ -336,6 +341,7 @@ def deploy(opts: RayOptions, *, host: str = "127.0.0.1", port: int = 8000, timeo
     app = build(opts)
     path, _ = package_source(opts.package)
     serve.start(http_options={"host": host, "port": port})
+    host, port = _proxy_address(host, port)
     try:
         target = serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")
         serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
@@ -353,6 +359,17 @@ def deploy(opts: RayOptions, *, host: str = "127.0.0.1", port: int = 8000, timeo
             ) from None
         raise
     return f"http://{host}:{port}"
+
+
+def _proxy_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's HTTP proxy listens: a Serve instance already running on the cluster keeps its own."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        config = _get_global_client().http_config
+        return config.host or host, int(config.port or port)
+    except Exception:  # an API that moved: report what was asked for
+        return host, port
 
 
 def _wait_running(timeout: float) -> None:
@@ -403,6 +420,8 @@ def run(opts: RayOptions, *, host: str, port: int, address: str | None, say=prin
     started = connect(address)
     try:
         url = deploy(opts, host=host, port=port)
+        if url != f"http://{host}:{port}":
+            say(f"[serve] Serve was already running on this cluster; its HTTP proxy is {url} (--host/--port unused)")
         n = f"{opts.autoscale[0]}..{opts.autoscale[1]}" if opts.autoscale else str(opts.replicas)
         say(f"[serve] Ray Serve: {n} replica(s) x {opts.threads_per_replica} thread(s) of {opts.package}")
         say(f"[serve] {url}/v1 (auth {'on' if opts.api_key else 'off'}, CORS {'on' if opts.cors else 'off'})")
@@ -431,5 +450,6 @@ __all__ = [
     "build",
     "build_app",
     "deploy",
+    "options_from_args",
     "run",
 ]
