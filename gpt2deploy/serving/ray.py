@@ -14,6 +14,7 @@ config files; ``run(...)`` for ``gpt2deploy serve PKG --ray``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..errors import PackageError, UsageError
+from ..errors import Gpt2DeployError, PackageError, UsageError
 
 try:
     import ray
@@ -38,8 +39,16 @@ DEPLOYMENT_NAME = "gpt2deploy"
 REPLICA_HEADER = "x-gpt2deploy-replica"
 #: URI schemes Ray downloads (a .zip holding one top-level directory: the package).
 URI_SCHEMES = ("http", "https", "s3", "gs", "azure", "abfss", "file")
-#: A replica's constructor raises with this prefix when it cannot read the package; ``run`` finds it in Ray's error.
+#: A replica's constructor raises with these prefixes (it cannot read the package; another of our errors);
+#: ``deploy`` finds them in the error Ray reports and turns them back into one line.
 _UNREADABLE = "gpt2deploy-replica-cannot-read-package:"
+_REPLICA_ERROR = "gpt2deploy-replica-error:"
+
+
+class DeploymentFailed(Gpt2DeployError):
+    """Ray could not start or run the deployment for a reason other than bad input."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -192,6 +201,8 @@ class Deployment:
         except (PackageError, OSError) as e:
             node = ray.util.get_node_ip_address()
             raise RuntimeError(f"{_UNREADABLE} replica on node {node} cannot read the package at {path}: {e}") from None
+        except Gpt2DeployError as e:
+            raise RuntimeError(f"{_REPLICA_ERROR} {e}") from None
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
@@ -248,6 +259,8 @@ def build(opts: RayOptions):
     """The bound Serve application for ``opts`` (what ``serve.run`` takes)."""
     opts.check()
     path, uri = package_source(opts.package)
+    if uri is not None and opts.model_id is None:  # not the name of the directory Ray unpacks it into
+        opts = dataclasses.replace(opts, model_id=Path(urlparse(uri).path).stem)
     return Deployment.options(**deployment_options(opts, uri)).bind(opts, path)
 
 
@@ -317,6 +330,11 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
         ) from None
     except ValueError as e:
         raise UsageError(f"cannot connect to Ray at {address}: {_first_line(e)}; check --ray-address") from None
+    except Exception as e:  # Ray failed to start locally (ports, /tmp space, permissions)
+        raise DeploymentFailed(
+            f"Ray could not start: {_first_line(e)}; see /tmp/ray/session_latest/logs, or start Ray yourself with "
+            "'ray start --head' and pass --ray-address"
+        ) from None
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -347,18 +365,31 @@ def deploy(opts: RayOptions, *, host: str = "127.0.0.1", port: int = 8000, timeo
         serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         _wait_running(timeout)
     except Exception as e:
+        with _quiet():
+            serve.delete(APP_NAME)
+        if isinstance(e, Gpt2DeployError):
+            raise
         text = str(e)
         if _UNREADABLE in text:
             detail = text.split(_UNREADABLE, 1)[1].strip().splitlines()[0]
-            where = f"{path}" if path else opts.package
-            with _quiet():
-                serve.delete(APP_NAME)
             raise PackageError(
-                f"{detail}; put the package ({where}) on storage every node mounts at the same path, "
+                f"{detail}; put the package ({path or opts.package}) on storage every node mounts at the same path, "
                 "or pass a .zip URI the nodes can download"
             ) from None
-        raise
+        if _REPLICA_ERROR in text:
+            raise UsageError(text.split(_REPLICA_ERROR, 1)[1].strip().splitlines()[0]) from None
+        raise DeploymentFailed(
+            f"the Ray deployment failed: {_error_line(text)}; see the replica logs (/tmp/ray/session_latest/logs "
+            "on each node)"
+        ) from None
     return f"http://{host}:{port}"
+
+
+def _error_line(text: str) -> str:
+    """The most telling line of a traceback Ray reports: its last ``SomethingError: ...`` line."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    errors = [x for x in lines if re.match(r"^[\w.]*(Error|Exception)\b", x)]
+    return ((errors or lines or ["unknown error"])[-1])[:300]
 
 
 def _proxy_address(host: str, port: int) -> tuple[str, int]:
@@ -445,6 +476,7 @@ __all__ = [
     "APP_NAME",
     "REPLICA_HEADER",
     "Deployment",
+    "DeploymentFailed",
     "RayOptions",
     "app_builder",
     "build",
