@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -351,6 +352,46 @@ def test_cli_serve_ray_joins_the_cluster_and_stops_on_sigint(ray_serve, tiny_pac
             proc.wait()
     assert rs.APP_NAME not in serve.status().applications  # deleted; the cluster and Serve keep running
     assert ray.is_initialized()
+
+
+@pytest.mark.timeout(400)
+def test_serve_run_with_a_config_file_names_the_app_builder(ray_serve, tiny_package, expected, tmp_path):
+    import ray
+    from ray import serve
+
+    from gpt2deploy.serving import ray as rs
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "applications:\n"
+        f"  - name: {rs.APP_NAME}\n"
+        "    route_prefix: /\n"
+        "    import_path: gpt2deploy.serving.ray:app_builder\n"
+        f"    args: {{package: '{tiny_package}', replicas: 1, threads_per_replica: 1, max_batch: 4}}\n"
+    )
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs = ray.get_runtime_context().gcs_address
+    r = subprocess.run(
+        [serve_cli, "run", "--non-blocking", "--address", gcs, str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    try:
+        deadline = time.monotonic() + 240
+        while (app := serve.status().applications.get(rs.APP_NAME)) is None or app.status != "RUNNING":
+            assert time.monotonic() < deadline and (app is None or app.status != "DEPLOY_FAILED"), app
+            time.sleep(0.5)
+        with httpx.Client(base_url=ray_serve, timeout=60) as client:
+            assert client.get("/v1/models").json()["data"][0]["max_batch"] == 4
+            prompt = PROMPTS[3]
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[prompt]
+    finally:
+        serve.delete(rs.APP_NAME)
 
 
 def test_app_builder_options(tiny_package):
