@@ -21,6 +21,7 @@ def serve_on_ray(
     max_body: int,
     grace: float,
     verify: bool,
+    prefill_chunk: int,
     replicas: int | None,
     autoscale: str | None,
     threads_per_replica: int,
@@ -46,6 +47,7 @@ def serve_on_ray(
         max_body=max_body,
         grace=grace,
         verify=verify,
+        prefill_chunk=prefill_chunk,
     )
     on_ray.run(opts, host=host, port=port, address=address, say=say)
     say("[serve] stopped")

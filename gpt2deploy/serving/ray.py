@@ -68,6 +68,7 @@ class RayOptions:
     max_body: int = 1 << 20
     grace: float = 10.0
     verify: bool = True
+    prefill_chunk: int | None = None  # None: the engine's default
     model_id: str | None = None
     health_check_period_s: float = 5.0
     extra_actor_options: dict = field(default_factory=dict)
@@ -85,6 +86,8 @@ class RayOptions:
             raise UsageError(f"--max-batch must be >= 1 (got {self.max_batch})")
         if self.max_queue < 0:
             raise UsageError(f"--max-queue must be >= 0 (got {self.max_queue})")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise UsageError(f"--prefill-chunk must be >= 1 (got {self.prefill_chunk})")
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -197,6 +200,7 @@ class Deployment:
             self.engine = Engine.from_package(
                 path, variant=opts.variant, device=opts.device, threads=self.threads, verify=opts.verify,
                 max_batch=opts.max_batch, max_queue=opts.max_queue, model_id=opts.model_id,
+                **({} if opts.prefill_chunk is None else {"prefill_chunk": opts.prefill_chunk}),
             )  # fmt: skip
         except (PackageError, OSError) as e:
             node = ray.util.get_node_ip_address()
@@ -264,7 +268,7 @@ def build(opts: RayOptions):
     return Deployment.options(**deployment_options(opts, uri)).bind(opts, path)
 
 
-_INT_ARGS = ("replicas", "threads_per_replica", "max_batch", "max_queue", "max_body")
+_INT_ARGS = ("replicas", "threads_per_replica", "max_batch", "max_queue", "max_body", "prefill_chunk")
 
 
 def app_builder(args: dict):
