@@ -219,9 +219,10 @@ class Deployment:
         return ReplicaTag(app, self.replica)
 
     def check_health(self) -> None:
-        """Ray Serve calls this periodically; a replica whose decode loop is not running is restarted."""
-        if not self.engine.running:
-            raise RuntimeError(f"replica {self.replica}: the decode loop is not running")
+        """Ray Serve calls this periodically: the replica is healthy when its ``/health`` would answer 200 (the
+        model is loaded and the decode loop runs); otherwise Ray replaces it."""
+        if not (self.engine.ready.is_set() and self.engine.running):
+            raise RuntimeError(f"replica {self.replica}: the model is not ready or its decode loop stopped")
 
     def replica_info(self) -> dict:
         """Which replica and process answered, its ONNX Runtime threads and engine load (for operators and tests)."""
