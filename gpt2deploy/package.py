@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import IntegrityError, VariantError
 from .fsutil import sha256_file
 from .manifest import MANIFEST_NAME, VARIANT_FILES, load_manifest, save_manifest
+from .verifycache import open_cache
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,17 @@ class Package:
             entries.extend(self.variant(name)["files"])
         return entries
 
-    def integrity_problems(self, variants: Iterable[str] | None = None, hashes: bool = True) -> list[str]:
-        """One line per problem: missing file, size or sha256 mismatch, path escaping the package."""
+    def integrity_problems(
+        self, variants: Iterable[str] | None = None, hashes: bool = True, remembered: bool = False
+    ) -> list[str]:
+        """One line per problem: missing file, size or sha256 mismatch, path escaping the package.
+
+        ``remembered``: take digests of files unchanged since they were last hashed from the user's verify
+        cache (see ``verifycache``); otherwise every file is read.
+        """
         problems = []
+        cache = open_cache() if hashes and remembered else None
+        digest = cache.sha256 if cache is not None else sha256_file
         root = self.root.resolve()
         for entry in self.listed_files(variants):
             rel = entry["path"]
@@ -101,12 +110,14 @@ class Package:
                     f"{rel}: size {size} differs from the manifest's {entry['size']} (file changed or truncated)"
                 )
                 continue
-            if hashes and sha256_file(p) != entry["sha256"]:
+            if hashes and digest(p) != entry["sha256"]:
                 problems.append(f"{rel}: sha256 differs from the manifest (file modified)")
+        if cache is not None:
+            cache.save()
         return problems
 
     def check_integrity(self, variants: Iterable[str] | None = None) -> None:
-        problems = self.integrity_problems(variants)
+        problems = self.integrity_problems(variants, remembered=True)
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IntegrityError(

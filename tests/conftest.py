@@ -19,6 +19,14 @@ SHAPE_A = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, seed=0)
 SHAPE_B = dict(n_layer=3, n_head=6, n_embd=48, n_positions=96, seed=1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_verify_cache(tmp_path_factory):
+    """Loads in tests remember verified files in a cache of their own, not the user's ~/.cache."""
+    import os
+
+    os.environ.setdefault("GPT2DEPLOY_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+
+
 def make_checkpoint(out: Path, **shape) -> Path:
     from exporters.synthetic import make_random_checkpoint
 

@@ -157,13 +157,20 @@ class Model:
         result.texts = texts.finish()
         return result
 
-    def stream(self, prompt: str, **opts) -> TextStream:
-        """Yield text pieces as they are decoded; whole characters only. ``.result`` is set at the end."""
+    def stream(self, prompt: str, cancel: threading.Event | None = None, **opts) -> TextStream:
+        """Yield text pieces as they are decoded; whole characters only. ``.result`` is set at the end.
+
+        ``cancel``: an Event (or anything with ``is_set()``) another thread may set to stop the generation;
+        ``TextStream.cancel()`` sets it. It is checked after every token, so no further step runs once it is
+        set; the result's finish reason is then ``"cancelled"``.
+        """
         if not isinstance(prompt, str):
             raise UsageError(f"stream takes one prompt string (got {type(prompt).__name__}); use generate for a batch")
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise UsageError(f"cancel must be a threading.Event (got {type(cancel).__name__})")
         o = self.options(**opts)
         gen = self._generation([self.encode(prompt)], o)
-        return TextStream(self, gen, o)
+        return TextStream(self, gen, o, cancel)
 
     def generate_ids(self, ids_list, **opts) -> GenerationResult:
         """Token ids in (a list of rows, or one row), token ids out, with timings; for checks and benchmarks."""
@@ -246,16 +253,39 @@ class _TextRows:
                 out[r] = text
         return out
 
+    def close(self, r: int) -> str:
+        """Flush row ``r`` if no step closed it (a cancelled generation); returns the text released."""
+        if self.closed[r]:
+            return ""
+        self.closed[r] = True
+        text, _ = self.stops[r].feed(self.decoders[r].flush())
+        text += self.stops[r].flush()
+        if text:
+            self.parts[r].append(text)
+        return text
+
     def finish(self) -> list[str]:
         return ["".join(p) for p in self.parts]
 
 
 class TextStream:
-    """Iterating yields text pieces; afterwards ``.result`` holds the GenerationResult (with ``texts``)."""
+    """Iterating yields text pieces; afterwards ``.result`` holds the GenerationResult (with ``texts``).
 
-    def __init__(self, model: Model, gen: Generation, o: GenerationOptions):
+    ``cancel()`` may be called from any thread: the generation stops before its next step.
+    """
+
+    def __init__(self, model: Model, gen: Generation, o: GenerationOptions, cancel: threading.Event | None = None):
         self.model, self.gen, self.opts = model, gen, o
         self.result: GenerationResult | None = None
+        self._cancel = cancel if cancel is not None else threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the generation: no further token is computed; the finish reason becomes ``"cancelled"``."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[str]:
         gen = self.gen
@@ -263,9 +293,16 @@ class TextStream:
         with self.model._stepper_for(gen) as stepper:
             gen.stepper = stepper
             for nxt, took in gen:
+                if self._cancel.is_set():  # set during this step: keep its token, flush, run no further step
+                    gen.finish(0, "cancelled")
                 piece = texts.update(nxt, took)[0]
                 if piece:
                     yield piece
+                if self._cancel.is_set():  # set while the caller handled the piece
+                    gen.finish(0, "cancelled")
+            tail = texts.close(0)  # what a cancel left held back (a stop-string prefix)
+            if tail:
+                yield tail
         self.result = gen.result()
         self.result.texts = texts.finish()
 
