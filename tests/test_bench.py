@@ -66,6 +66,8 @@ def test_bench_reports_expected_fields(bench_run):
     assert "gpu" not in mem  # CPU run: no GPU number, no error
     # the human table on stdout, progress on stderr
     assert "fp32" in result.stdout and "TTFT ms" in result.stdout and "decode tok/s" in result.stdout
+    assert "load s" in result.stdout and 0 < v["load_seconds"] < 60
+    assert f"{v['load_seconds']:.2f}" in result.stdout
     assert "long context" in result.stdout
     assert "[bench] fp32: run 2/2" in result.stderr
 

@@ -21,7 +21,7 @@ def format_report(report: dict) -> str:
         "[min-max]",
         "",
     ]
-    header = ["variant", "file MB", "TTFT ms", "decode tok/s", "end-to-end tok/s", "peak RSS MB"]
+    header = ["variant", "file MB", "load s", "TTFT ms", "decode tok/s", "end-to-end tok/s", "peak RSS MB"]
     rows = []
     gpu = False
     for name, v in report["variants"].items():
@@ -29,6 +29,7 @@ def format_report(report: dict) -> str:
         row = [
             name,
             f"{v['file_mb']:.1f}",
+            f"{v['load_seconds']:.2f}" if v.get("load_seconds") is not None else "n/a",
             _spread(v["ttft_ms"]),
             _spread(v["decode_tok_s"]),
             _spread(v["e2e_tok_s"]),
