@@ -278,6 +278,8 @@ def test_closing_mid_generation_exits_cleanly(display, long_package):
         root.mainloop()
         assert app.closed and not app.worker.is_alive(), "generation still running after close"
         assert app.stream.result.finish_reasons == ["cancelled"], app.stream.result.finish_reasons
+        heavy = {{"torch", "transformers", "onnx"}} & set(sys.modules)
+        assert not heavy, f"the app imported {{heavy}}"
         print("closed cleanly after", app.stream.result.new_tokens[0], "tokens")
         """
     )
