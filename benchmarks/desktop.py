@@ -241,14 +241,16 @@ def package_sizes(package: Path) -> tuple[float, dict[str, float]]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5, help="fresh processes per cold-start mode (median)")
-    ap.add_argument("--variant", default="int8")
+    ap.add_argument("--variant", default="int8", help="the variant whose cold start is measured")
+    ap.add_argument("--variants", default="int8,int4", help="variants to build for the package-size table")
     ap.add_argument("--no-footprint", action="store_true", help="skip the fresh-venv install")
     ap.add_argument("--no-window", action="store_true", help="skip the desktop example under Xvfb")
     args = ap.parse_args(argv)
     say = lambda m: print(f"[desktop] {m}", file=sys.stderr, flush=True)  # noqa: E731
 
     ckpt = prepare.default_checkpoint(say)
-    package, failed = prepare.gpt2deploy_package(ckpt, ["int8", "int4"], say)
+    wanted = list(dict.fromkeys([args.variant, *args.variants.split(",")]))
+    package, failed = prepare.gpt2deploy_package(ckpt, wanted, say)
     if package is None or args.variant in failed:
         raise SystemExit(f"could not build the package: {failed}")
     runs = cold_start(package, args.variant, args.repeat, say)
