@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import prepare  # noqa: E402
 import results  # noqa: E402
 
-SECTION = "Desktop apps: cold start and install footprint"
+SECTION = "Desktop apps - cold start and install footprint"
 MB = 1024 * 1024
 
 # One fresh process: times from interpreter start, load in the given mode, first token, peak RSS.
