@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     package,
     quantize,  # noqa: F401
     run,  # noqa: F401
+    serve,  # noqa: F401
 )
 from .app import app
 

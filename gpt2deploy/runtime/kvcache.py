@@ -255,6 +255,43 @@ class KVStepper:
         logits = self.logits[:, 0, :]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
+    # -- hooks for rows that join a running batch (see ``batcher``) ----------------------------
+    def read_kv(self) -> list[np.ndarray]:
+        """The current cache per tensor as [batch, heads, width, head_dim] host arrays, width >= ``length``:
+        views of the buffers on the CPU, copies elsewhere. Positions 0..length-1 are valid."""
+        b, h, d = self.kv_shape
+        width = self.capacity if self.shared else self.length
+        out = []
+        for buf in self.sets[self.cur]:
+            flat = buf.value.numpy() if self.device == "cuda" else buf.value
+            out.append(flat[: b * h * width * d].reshape(b, h, width, d))
+        return out
+
+    def resume(self, kv: list[np.ndarray], mask: np.ndarray, last_pos: np.ndarray) -> None:
+        """Make this stepper continue rows whose cache is ``kv`` ([batch, heads, n, head_dim] per tensor),
+        ``mask`` [batch, n] and last position per row: the next ``step`` feeds position ``last_pos + 1``."""
+        b, h, d = self.kv_shape
+        n = mask.shape[1]
+        if mask.shape[0] != b or n > self.capacity:
+            raise ValueError("rows do not fit the cache this stepper was sized for")
+        width = self.capacity if self.shared else n
+        for buf, arr in zip(self.sets[0], kv, strict=True):
+            if self.device == "cuda":
+                host = np.zeros(buf.value.shape()[0], dtype=self.kv_dtype)
+                host[: b * h * width * d].reshape(b, h, width, d)[:, :, :n] = arr
+                buf.value.update_inplace(host)
+            else:
+                buf.value[: b * h * width * d].reshape(b, h, width, d)[:, :, :n] = arr
+        self.cur, self.length, self.prefill_length = 0, n, n
+        self.mask[:, :n] = mask
+        self.mask[:, n:] = 1
+        self.pos[:, 0] = last_pos
+        if self.shared:
+            self._bind_shared()
+        if self.dec.keeps_logits:
+            self._bind_host(LOGITS_TO_KEEP, self._one)
+        self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+
     def cache(self) -> list[np.ndarray]:
         """The current cache as numpy arrays (a copy; for tests and inspection)."""
         b, h, d = self.kv_shape

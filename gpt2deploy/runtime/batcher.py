@@ -1,0 +1,279 @@
+"""Continuous batching: rows join a running batch at a step boundary and leave it when done or cancelled.
+
+A new row's prompt runs through the prompt step alone (its own small ``KVStepper``), so its first token is
+exactly what it would be alone. At the next step boundary the batch is rebuilt: every row's cache is copied,
+right-aligned, into one left-padded cache ([rows, heads, width, head_dim], width = the longest row), the
+attention mask marks each row's own positions and each row keeps its own position ids, so every row
+computes what it computes alone. Rows that finished or were cancelled are left out of the rebuild, which
+also drops the padding columns no remaining row needs: the width never exceeds the longest row's own length,
+so it stays within the model's context.
+
+Each row has its own options (temperature, top-k, top-p, repetition penalty, stop strings, token budget),
+its own random generator (seeded rows draw the same numbers as ``generate`` with that seed), its own
+detokenizer and stop matcher, and optionally the top-N log-probabilities of every token it produces.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import GenerationError
+from .generate import fit_context
+from .kvcache import KVStepper
+from .options import GenerationOptions
+from .sampling import SeenTokens, _penalise_row, sample_row
+from .session import DecoderSession
+from .textstream import IncrementalText, StopMatcher, TokenBytes
+
+#: Positions per run when computing every prompt position's log-probabilities (``prompt_logprobs``).
+PROMPT_LOGPROBS_CHUNK = 128
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model and the ``top`` most likely alternatives there."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+
+
+@dataclass
+class Emit:
+    """What one row produced in one step: its token, the text that token completes (possibly ""),
+    its log-probability (when asked) and, on its last token, why it finished."""
+
+    row: Row
+    token: int
+    text: str
+    logprob: TokenLogprob | None = None
+    finish: str | None = None  # "eos", "stop", "length" or "cancelled"
+
+
+@dataclass
+class Row:
+    """One sequence in the batch. ``ids`` is the prompt (already fitted to the context)."""
+
+    ids: list[int]
+    opts: GenerationOptions
+    logprobs: int | None = None  # top-N per generated token; None: no log-probabilities
+    key: object = None  # the caller's handle
+    tokens: list[int] = field(default_factory=list)
+    reason: str | None = None
+    truncated: int = 0
+    serial: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    @property
+    def length(self) -> int:
+        """Positions this row holds in the cache: its prompt and every produced token but the last."""
+        return len(self.ids) + len(self.tokens) - 1
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float32, copy=False)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum(dtype=np.float64)).astype(np.float32))
+
+
+def top_logprobs(logp: np.ndarray, n: int) -> list[tuple[int, float]]:
+    if n <= 0:
+        return []
+    n = min(n, logp.shape[0])
+    idx = np.argpartition(-logp, n - 1)[:n]
+    idx = idx[np.argsort(-logp[idx], kind="stable")]
+    return [(int(i), float(logp[i])) for i in idx]
+
+
+class _RowState:
+    """The per-row machinery: random generator, seen tokens, detokenizer and stop matcher."""
+
+    def __init__(self, row: Row, token_bytes: TokenBytes, vocab: int):
+        o = row.opts
+        self.rng = np.random.default_rng(o.seed) if o.do_sample else None
+        self.seen = (
+            SeenTokens([row.ids], vocab, len(row.ids) + o.max_new_tokens) if o.repetition_penalty != 1.0 else None
+        )
+        self.eos = set(o.eos_ids)
+        self.text = IncrementalText(token_bytes)
+        self.stops = StopMatcher(o.stop)
+
+
+class Batcher:
+    """``add(row)`` prefills a row and returns its first ``Emit``; ``step()`` advances every row in the batch
+    by one token and returns their ``Emit``s; ``cancel(row)`` makes a row leave at the next boundary.
+
+    Not thread-safe: one thread (the server's decode loop) drives it.
+    """
+
+    def __init__(self, dec: DecoderSession, token_bytes: TokenBytes):
+        self.dec = dec
+        self.token_bytes = token_bytes
+        self.vocab = dec.dims.vocab_size
+        self.rows: list[Row] = []  # the rows in the stepper, in its order
+        self.joining: list[Row] = []  # prefilled, entering at the next step boundary
+        self.stepper: KVStepper | None = None
+        self._solo: dict[int, tuple[KVStepper, int]] = {}  # serial -> (prefill stepper, length)
+        self._state: dict[int, _RowState] = {}
+        self._serials = itertools.count(1)
+        self.rebuilds = 0
+
+    # -- membership -------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Rows that will be stepped next (running and joining, not yet finished)."""
+        return sum(1 for r in self.rows if not r.done) + sum(1 for r in self.joining if not r.done)
+
+    def fit(self, ids: list[int], opts: GenerationOptions) -> tuple[list[int], int, GenerationOptions]:
+        """The prompt fitted to the context (see ``fit_context``): (ids, tokens dropped, options with budget)."""
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})")
+        rows, dropped, opts = fit_context([ids], opts, self.dec.dims.n_positions)
+        return rows[0], dropped[0], opts
+
+    def add(self, row: Row) -> Emit:
+        """Run ``row``'s prompt alone and choose its first token; the row joins the batch at the next step."""
+        row.serial = next(self._serials)
+        n = len(row.ids)
+        ids = np.asarray([row.ids], dtype=np.int64)
+        solo = KVStepper(self.dec, 1, n)
+        logits = solo.prefill(ids, np.ones_like(ids))
+        state = _RowState(row, self.token_bytes, self.vocab)
+        self._state[row.serial] = state
+        emit = self._choose(row, state, logits[0])
+        if row.done:
+            self._forget(row)
+        else:
+            self._solo[row.serial] = (solo, n)
+            self.joining.append(row)
+        return emit
+
+    def cancel(self, row: Row) -> Emit | None:
+        """Finish ``row`` now ("cancelled"); it leaves the batch at the next step boundary."""
+        if row.done:
+            return None
+        row.reason = "cancelled"
+        return Emit(row, -1, self._flush(row), finish="cancelled")
+
+    def reset(self) -> None:
+        """Forget every row (after a failed run)."""
+        self.rows, self.joining, self.stepper = [], [], None
+        self._solo.clear()
+        self._state.clear()
+
+    def _forget(self, row: Row) -> None:
+        self._state.pop(row.serial, None)
+        self._solo.pop(row.serial, None)
+
+    def _rebuild(self) -> None:
+        """Drop finished rows, let joining rows in: one left-padded cache holding exactly the live rows."""
+        keep = [r for r in self.rows if not r.done]
+        new = [r for r in self.joining if not r.done]
+        for r in [*self.rows, *self.joining]:
+            if r.done:
+                self._forget(r)
+        self.joining = []
+        if not new and len(keep) == len(self.rows):
+            return
+        rows = keep + new
+        if not rows:
+            self.rows, self.stepper = [], None
+            return
+        width = max(r.length for r in rows)
+        d = self.dec.dims
+        b = len(rows)
+        old_kv = self.stepper.read_kv() if keep else None
+        old_len = self.stepper.length if keep else 0
+        old_index = {r.serial: i for i, r in enumerate(self.rows)}
+        stepper = KVStepper(self.dec, b, self.dec.dims.n_positions)
+        kv = [np.zeros((b, d.n_head, width, d.head_dim), dtype=stepper.kv_dtype) for _ in self.dec.past_names]
+        mask = np.zeros((b, width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            n = r.length
+            if r.serial in old_index:
+                j, src, end = old_index[r.serial], old_kv, old_len
+            else:
+                solo, end = self._solo.pop(r.serial)
+                j, src = 0, solo.read_kv()
+            for dst, s in zip(kv, src, strict=True):
+                dst[i, :, width - n :] = s[j, :, end - n : end]
+            mask[i, width - n :] = 1
+        stepper.resume(kv, mask, np.array([r.length - 1 for r in rows], dtype=np.int64))
+        self.stepper, self.rows = stepper, rows
+        self.rebuilds += 1
+
+    # -- steps -------------------------------------------------------------------------------
+    def step(self) -> list[Emit]:
+        """Let joining rows in and finished rows out, then one token for every row in the batch."""
+        self._rebuild()
+        if not self.rows:
+            return []
+        tokens = np.array([r.tokens[-1] for r in self.rows], dtype=np.int64)
+        logits = self.stepper.step(tokens)
+        emits = [self._choose(r, self._state[r.serial], logits[i]) for i, r in enumerate(self.rows)]
+        return emits
+
+    def _choose(self, row: Row, state: _RowState, logits: np.ndarray) -> Emit:
+        o = row.opts
+        lg = logits
+        if state.seen is not None:
+            lg = _penalise_row(lg, state.seen.of(0), o.repetition_penalty)
+        if not o.do_sample:
+            tok = int(lg.argmax())
+        else:
+            tok = sample_row(lg, o, float(state.rng.random()))
+        lp = None
+        if row.logprobs is not None:
+            logp = log_softmax(logits)
+            lp = TokenLogprob(tok, float(logp[tok]), top_logprobs(logp, row.logprobs))
+        row.tokens.append(tok)
+        if state.seen is not None:
+            state.seen.add(0, tok)
+        if tok in state.eos:
+            row.reason = "eos"
+        elif len(row.tokens) >= o.max_new_tokens:
+            row.reason = "length"
+        piece = "" if tok in state.eos else state.text.feed(tok)
+        if row.done:
+            piece += state.text.flush()
+        text, stopped = state.stops.feed(piece)
+        if stopped and row.reason is None:
+            row.reason = "stop"
+        if row.done:
+            text += state.stops.flush()
+        return Emit(row, tok, text, lp, row.reason)
+
+    def _flush(self, row: Row) -> str:
+        state = self._state.get(row.serial)
+        if state is None:
+            return ""
+        text, _ = state.stops.feed(state.text.flush())
+        return text + state.stops.flush()
+
+    # -- prompt scoring ------------------------------------------------------------------------
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (None for the first), with the
+        ``top`` most likely alternatives: the prompt runs in chunks, every position's logits kept."""
+        out = [TokenLogprob(ids[0], None, None)]
+        past = None
+        done = 0
+        while done < len(ids):
+            part = ids[done : done + PROMPT_LOGPROBS_CHUNK]
+            x = np.asarray([part], dtype=np.int64)
+            mask = np.ones((1, done + len(part)), dtype=np.int64)
+            logits, past = self.dec.forward(x, mask, past=past, logits_to_keep=0)
+            for k in range(len(part)):
+                nxt = done + k + 1
+                if nxt >= len(ids):
+                    break
+                logp = log_softmax(logits[0, k])
+                out.append(TokenLogprob(ids[nxt], float(logp[ids[nxt]]), top_logprobs(logp, top)))
+            done += len(part)
+        return out
