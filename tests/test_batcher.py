@@ -1,0 +1,135 @@
+"""Continuous batching in the runtime: rows that join a running batch at any step, with their own options,
+produce exactly what they produce alone; cancelled rows leave; prompt scoring matches a plain forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpt2deploy
+from gpt2deploy.runtime.batcher import Batcher, Row, log_softmax
+
+PROMPTS = [
+    "The quick brown fox",
+    "In Python, a list is a mutable sequence of",
+    "Hello",
+    "a b c d e f g h i j k l m n o p",
+    "x",
+    "Once upon a time there",
+    "1 2 3",
+    "zzz top",
+]
+BUDGETS = [5, 30, 12, 40, 7, 25, 60, 3]
+
+
+@pytest.fixture(scope="module", params=["shared", "concat"])
+def model(request, tiny_package, tiny_portable_package):
+    pkg = tiny_package if request.param == "shared" else tiny_portable_package
+    return gpt2deploy.load(pkg, device="cpu", threads=1)
+
+
+def _row(b: Batcher, model, prompt: str, **opts) -> Row:
+    ids, _, o = b.fit(model.encode(prompt), model.options(**opts))
+    return Row(ids, o)
+
+
+@pytest.mark.timeout(120, func_only=True)
+@pytest.mark.parametrize("every", [1, 3])
+def test_rows_joining_a_running_batch_equal_their_solo_runs(model, every):
+    solo = [
+        model.generate_ids([model.encode(p)], max_new_tokens=n, ignore_eos=True).tokens[0]
+        for p, n in zip(PROMPTS, BUDGETS, strict=True)
+    ]
+    b = Batcher(model.session, model.token_bytes)
+    rows, waiting, steps, widest = [], list(zip(PROMPTS, BUDGETS, strict=True)), 0, 0
+    while waiting or b.size:
+        if waiting and steps % every == 0:
+            p, n = waiting.pop(0)
+            rows.append(_row(b, model, p, max_new_tokens=n, ignore_eos=True))
+            b.add(rows[-1])
+        b.step()
+        steps += 1
+        widest = max(widest, len(b.rows))
+        if b.stepper is not None:  # the cache never holds more than the longest row's own positions
+            assert b.stepper.length == max(r.length for r in b.rows)
+    assert [r.tokens for r in rows] == solo
+    assert widest >= 4  # rows really ran together
+    assert all(r.reason == "length" for r in rows)
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_per_row_sampling_options_reproduce_generate_with_the_seed(model):
+    opts = dict(max_new_tokens=20, do_sample=True, temperature=0.8, top_p=0.9, top_k=50, seed=3, repetition_penalty=1.3)
+    alone = model.generate_ids([model.encode("Hello")], ignore_eos=True, **opts).tokens[0]
+    greedy = model.generate_ids([model.encode("other stuff here")], max_new_tokens=33, ignore_eos=True).tokens[0]
+    b = Batcher(model.session, model.token_bytes)
+    other = _row(b, model, "other stuff here", max_new_tokens=33, ignore_eos=True)
+    b.add(other)
+    for _ in range(4):
+        b.step()
+    sampled = _row(b, model, "Hello", ignore_eos=True, **opts)
+    b.add(sampled)
+    while b.size:
+        b.step()
+    assert sampled.tokens == alone and other.tokens == greedy
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_cancelled_row_leaves_and_the_rest_continue(model):
+    full = model.generate_ids([model.encode(PROMPTS[1])], max_new_tokens=30, ignore_eos=True).tokens[0]
+    b = Batcher(model.session, model.token_bytes)
+    keep, drop = (_row(b, model, p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS[1:3])
+    b.add(keep)
+    b.add(drop)
+    b.step()
+    assert len(b.rows) == 2
+    emit = b.cancel(drop)
+    assert emit.finish == "cancelled" and b.size == 1
+    b.step()
+    assert b.rows == [keep]
+    while b.size:
+        b.step()
+    assert keep.tokens == full and len(drop.tokens) == 2
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_stop_strings_and_eos_finish_rows(model):
+    text = model.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip()
+    want = model.generate("Hello", max_new_tokens=12, ignore_eos=True, stop=[stop])
+    b = Batcher(model.session, model.token_bytes)
+    r = _row(b, model, "Hello", max_new_tokens=12, ignore_eos=True, stop=[stop])
+    pieces = [b.add(r).text]
+    while b.size:
+        pieces += [e.text for e in b.step()]
+    assert "".join(pieces) == want and r.reason == "stop"
+    greedy = model.generate_ids([model.encode("Hello")], max_new_tokens=6, ignore_eos=True).tokens[0]
+    eos = greedy[2]
+    r = _row(b, model, "Hello", max_new_tokens=6, eos_token_id=eos)
+    b.add(r)
+    while b.size:
+        b.step()
+    assert r.reason == "eos" and r.tokens[-1] == eos and len(r.tokens) == greedy.index(eos) + 1
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_logprobs_of_generated_and_prompt_tokens(model):
+    b = Batcher(model.session, model.token_bytes)
+    ids = model.encode("The quick brown fox jumps over")
+    r = Row(ids, b.fit(ids, model.options(max_new_tokens=4))[2], logprobs=3)
+    emits = [b.add(r)]
+    while b.size:
+        emits += b.step()
+    logits, _ = model.session.forward(np.array([ids + r.tokens[:-1]]), logits_to_keep=0)
+    for k, e in enumerate(emits):
+        ref = log_softmax(logits[0, len(ids) - 1 + k])
+        assert e.logprob.token == r.tokens[k]
+        assert e.logprob.logprob == pytest.approx(float(ref[r.tokens[k]]), abs=1e-4)
+        assert [t for t, _ in e.logprob.top] == list(np.argsort(-ref)[:3])  # greedy: the first is the token
+    scored = b.prompt_logprobs(ids, 2)
+    assert scored[0].logprob is None and len(scored) == len(ids)
+    for k in range(1, len(ids)):
+        ref = log_softmax(logits[0, k - 1])
+        assert scored[k].logprob == pytest.approx(float(ref[ids[k]]), abs=1e-4)
+        assert scored[k].top[0][0] == int(ref.argmax())
