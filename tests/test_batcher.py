@@ -34,13 +34,14 @@ def _row(b: Batcher, model, prompt: str, **opts) -> Row:
 
 
 @pytest.mark.timeout(120, func_only=True)
-@pytest.mark.parametrize("every", [1, 3])
-def test_rows_joining_a_running_batch_equal_their_solo_runs(model, every):
+@pytest.mark.parametrize("every,chunk", [(1, 256), (3, 4)])
+def test_rows_joining_a_running_batch_equal_their_solo_runs(model, every, chunk):
+    """Rows join every step or every third; prompts run whole or in chunks of 4 positions between steps."""
     solo = [
         model.generate_ids([model.encode(p)], max_new_tokens=n, ignore_eos=True).tokens[0]
         for p, n in zip(PROMPTS, BUDGETS, strict=True)
     ]
-    b = Batcher(model.session, model.token_bytes)
+    b = Batcher(model.session, model.token_bytes, prefill_chunk=chunk)
     rows, waiting, steps, widest = [], list(zip(PROMPTS, BUDGETS, strict=True)), 0, 0
     while waiting or b.size:
         if waiting and steps % every == 0:
@@ -82,6 +83,8 @@ def test_cancelled_row_leaves_and_the_rest_continue(model):
     b.add(keep)
     b.add(drop)
     b.step()
+    assert len(b.rows) == 1 and len(b.prefilling) == 1  # one prompt chunk per step
+    b.step()
     assert len(b.rows) == 2
     emit = b.cancel(drop)
     assert emit.finish == "cancelled" and b.size == 1
@@ -100,7 +103,8 @@ def test_stop_strings_and_eos_finish_rows(model):
     want = model.generate("Hello", max_new_tokens=12, ignore_eos=True, stop=[stop])
     b = Batcher(model.session, model.token_bytes)
     r = _row(b, model, "Hello", max_new_tokens=12, ignore_eos=True, stop=[stop])
-    pieces = [b.add(r).text]
+    b.add(r)
+    pieces = []
     while b.size:
         pieces += [e.text for e in b.step()]
     assert "".join(pieces) == want and r.reason == "stop"
@@ -118,7 +122,8 @@ def test_logprobs_of_generated_and_prompt_tokens(model):
     b = Batcher(model.session, model.token_bytes)
     ids = model.encode("The quick brown fox jumps over")
     r = Row(ids, b.fit(ids, model.options(max_new_tokens=4))[2], logprobs=3)
-    emits = [b.add(r)]
+    b.add(r)
+    emits = []
     while b.size:
         emits += b.step()
     logits, _ = model.session.forward(np.array([ids + r.tokens[:-1]]), logits_to_keep=0)

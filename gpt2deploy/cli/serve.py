@@ -27,6 +27,9 @@ def serve_cmd(
         None, "--api-key", help=f"Require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; /health stays open)."
     ),
     cors: list[str] | None = typer.Option(None, "--cors", help="Allow browser calls from this origin (repeatable)."),
+    prefill_chunk: int = typer.Option(
+        64, "--prefill-chunk", help="Prompt positions run between two decode steps while a request joins."
+    ),
     max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes."),
     grace: float = typer.Option(10.0, "--grace", help="Seconds in-flight requests may finish after SIGTERM/SIGINT."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of the package files."),
@@ -37,7 +40,7 @@ def serve_cmd(
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535 (got {port})")
-    for name, value in (("--max-batch", max_batch), ("--max-body", max_body)):
+    for name, value in (("--max-batch", max_batch), ("--max-body", max_body), ("--prefill-chunk", prefill_chunk)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1 (got {value})")
     if max_queue < 0:
@@ -57,7 +60,7 @@ def serve_cmd(
     key = api_key or os.environ.get(API_KEY_ENV) or None
     engine = Engine.from_package(
         package, variant=variant, device=device, threads=threads, verify=not no_verify,
-        max_batch=max_batch, max_queue=max_queue,
+        max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
     )  # fmt: skip
     say(f"[serve] {engine.model_id}: variant {engine.model.variant} on {engine.model.device}, max batch {max_batch}")
     if host not in ("127.0.0.1", "localhost", "::1") and not key:

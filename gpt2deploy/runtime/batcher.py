@@ -1,12 +1,13 @@
 """Continuous batching: rows join a running batch at a step boundary and leave it when done or cancelled.
 
-A new row's prompt runs through the prompt step alone (its own small ``KVStepper``), so its first token is
-exactly what it would be alone. At the next step boundary the batch is rebuilt: every row's cache is copied,
-right-aligned, into one left-padded cache ([rows, heads, width, head_dim], width = the longest row), the
-attention mask marks each row's own positions and each row keeps its own position ids, so every row
-computes what it computes alone. Rows that finished or were cancelled are left out of the rebuild, which
-also drops the padding columns no remaining row needs: the width never exceeds the longest row's own length,
-so it stays within the model's context.
+A new row's prompt runs through the model alone, in chunks of at most ``prefill_chunk`` positions, one
+chunk per step of the running batch (so a long prompt delays the others' next token by one chunk, not by
+the whole prompt); its first token is what it would be alone. At the step boundary after its prompt is
+done the batch is rebuilt: every row's cache is copied, right-aligned, into one left-padded cache
+([rows, heads, width, head_dim], width = the longest row), the attention mask marks each row's own
+positions and each row keeps its own position ids, so every row computes what it computes alone. Rows that
+finished or were cancelled are left out of the rebuild, which also drops the padding columns no remaining
+row needs: the width never exceeds the longest row's own length, so it stays within the model's context.
 
 Each row has its own options (temperature, top-k, top-p, repetition penalty, stop strings, token budget),
 its own random generator (seeded rows draw the same numbers as ``generate`` with that seed), its own
@@ -15,6 +16,7 @@ detokenizer and stop matcher, and optionally the top-N log-probabilities of ever
 
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import dataclass, field
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from ..errors import GenerationError
 from .generate import fit_context
-from .kvcache import KVStepper
+from .kvcache import PREFILL_CHUNK, KVStepper
 from .options import GenerationOptions
 from .sampling import SeenTokens, _penalise_row, sample_row
 from .session import DecoderSession
@@ -105,21 +107,35 @@ class _RowState:
         self.stops = StopMatcher(o.stop)
 
 
+class _Prefill:
+    """A row whose prompt is running through the model, chunk by chunk."""
+
+    def __init__(self, row: Row):
+        self.row = row
+        self.done = 0
+        self.past: list[np.ndarray] | None = None
+
+
 class Batcher:
-    """``add(row)`` prefills a row and returns its first ``Emit``; ``step()`` advances every row in the batch
-    by one token and returns their ``Emit``s; ``cancel(row)`` makes a row leave at the next boundary.
+    """``add(row)`` queues a row's prompt; ``step()`` runs one chunk of a waiting prompt (its row's first
+    ``Emit`` when the prompt is done), lets prefilled rows in and finished rows out, and advances every row
+    in the batch by one token; ``cancel(row)`` makes a row leave at the next boundary.
 
     Not thread-safe: one thread (the server's decode loop) drives it.
     """
 
-    def __init__(self, dec: DecoderSession, token_bytes: TokenBytes):
+    def __init__(self, dec: DecoderSession, token_bytes: TokenBytes, prefill_chunk: int = PREFILL_CHUNK):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
         self.dec = dec
         self.token_bytes = token_bytes
+        self.prefill_chunk = prefill_chunk
         self.vocab = dec.dims.vocab_size
         self.rows: list[Row] = []  # the rows in the stepper, in its order
+        self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.joining: list[Row] = []  # prefilled, entering at the next step boundary
         self.stepper: KVStepper | None = None
-        self._solo: dict[int, tuple[KVStepper, int]] = {}  # serial -> (prefill stepper, length)
+        self._solo: dict[int, tuple[list[np.ndarray], int]] = {}  # serial -> (prompt cache, length)
         self._state: dict[int, _RowState] = {}
         self._serials = itertools.count(1)
         self.rebuilds = 0
@@ -127,8 +143,10 @@ class Batcher:
     # -- membership -------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        """Rows that will be stepped next (running and joining, not yet finished)."""
-        return sum(1 for r in self.rows if not r.done) + sum(1 for r in self.joining if not r.done)
+        """Rows that hold a place: prefilling, joining and running rows not yet finished."""
+        return sum(1 for r in self.rows if not r.done) + sum(
+            1 for r in (*self.joining, *(p.row for p in self.prefilling)) if not r.done
+        )
 
     def fit(self, ids: list[int], opts: GenerationOptions) -> tuple[list[int], int, GenerationOptions]:
         """The prompt fitted to the context (see ``fit_context``): (ids, tokens dropped, options with budget)."""
@@ -138,22 +156,34 @@ class Batcher:
         rows, dropped, opts = fit_context([ids], opts, self.dec.dims.n_positions)
         return rows[0], dropped[0], opts
 
-    def add(self, row: Row) -> Emit:
-        """Run ``row``'s prompt alone and choose its first token; the row joins the batch at the next step."""
+    def add(self, row: Row) -> None:
+        """Queue ``row``: its prompt runs in the next steps, then it joins the batch."""
         row.serial = next(self._serials)
-        n = len(row.ids)
-        ids = np.asarray([row.ids], dtype=np.int64)
-        solo = KVStepper(self.dec, 1, n)
-        logits = solo.prefill(ids, np.ones_like(ids))
-        state = _RowState(row, self.token_bytes, self.vocab)
-        self._state[row.serial] = state
-        emit = self._choose(row, state, logits[0])
+        self._state[row.serial] = _RowState(row, self.token_bytes, self.vocab)
+        self.prefilling.append(_Prefill(row))
+
+    def _prefill_some(self) -> list[Emit]:
+        """One chunk of the first waiting prompt; its row's first token when that prompt is done."""
+        while self.prefilling and self.prefilling[0].row.done:  # cancelled while waiting
+            self._forget(self.prefilling.popleft().row)
+        if not self.prefilling:
+            return []
+        p = self.prefilling[0]
+        row, n = p.row, len(p.row.ids)
+        part = row.ids[p.done : p.done + self.prefill_chunk]
+        mask = np.ones((1, p.done + len(part)), dtype=np.int64)
+        logits, p.past = self.dec.forward(np.asarray([part], dtype=np.int64), mask, past=p.past, logits_to_keep=1)
+        p.done += len(part)
+        if p.done < n:
+            return []
+        self.prefilling.popleft()
+        emit = self._choose(row, self._state[row.serial], logits[0, -1].astype(np.float32, copy=False))
         if row.done:
             self._forget(row)
         else:
-            self._solo[row.serial] = (solo, n)
+            self._solo[row.serial] = (p.past, n)
             self.joining.append(row)
-        return emit
+        return [emit]
 
     def cancel(self, row: Row) -> Emit | None:
         """Finish ``row`` now ("cancelled"); it leaves the batch at the next step boundary."""
@@ -162,9 +192,14 @@ class Batcher:
         row.reason = "cancelled"
         return Emit(row, -1, self._flush(row), finish="cancelled")
 
+    def live(self) -> list[Row]:
+        """Every row the batcher holds: prefilling, joining and in the batch."""
+        return [*(p.row for p in self.prefilling), *self.joining, *self.rows]
+
     def reset(self) -> None:
         """Forget every row (after a failed run)."""
         self.rows, self.joining, self.stepper = [], [], None
+        self.prefilling.clear()
         self._solo.clear()
         self._state.clear()
 
@@ -193,31 +228,35 @@ class Batcher:
         old_len = self.stepper.length if keep else 0
         old_index = {r.serial: i for i, r in enumerate(self.rows)}
         stepper = KVStepper(self.dec, b, self.dec.dims.n_positions)
-        kv = [np.zeros((b, d.n_head, width, d.head_dim), dtype=stepper.kv_dtype) for _ in self.dec.past_names]
+        views = stepper.kv_views(width)  # CPU: rows are copied straight into the new buffers
+        kv = views or [np.zeros((b, d.n_head, width, d.head_dim), stepper.kv_dtype) for _ in self.dec.past_names]
         mask = np.zeros((b, width), dtype=np.int64)
         for i, r in enumerate(rows):
             n = r.length
             if r.serial in old_index:
                 j, src, end = old_index[r.serial], old_kv, old_len
             else:
-                solo, end = self._solo.pop(r.serial)
-                j, src = 0, solo.read_kv()
+                src, end = self._solo.pop(r.serial)
+                j = 0
             for dst, s in zip(kv, src, strict=True):
+                dst[i, :, : width - n] = 0  # masked, but never garbage (0 x NaN is NaN)
                 dst[i, :, width - n :] = s[j, :, end - n : end]
             mask[i, width - n :] = 1
-        stepper.resume(kv, mask, np.array([r.length - 1 for r in rows], dtype=np.int64))
+        stepper.resume(None if views else kv, mask, np.array([r.length - 1 for r in rows], dtype=np.int64))
         self.stepper, self.rows = stepper, rows
         self.rebuilds += 1
 
     # -- steps -------------------------------------------------------------------------------
     def step(self) -> list[Emit]:
-        """Let joining rows in and finished rows out, then one token for every row in the batch."""
+        """One chunk of a waiting prompt, then let joining rows in and finished rows out, then one token for
+        every row in the batch."""
+        emits = self._prefill_some()
         self._rebuild()
         if not self.rows:
-            return []
+            return emits
         tokens = np.array([r.tokens[-1] for r in self.rows], dtype=np.int64)
         logits = self.stepper.step(tokens)
-        emits = [self._choose(r, self._state[r.serial], logits[i]) for i, r in enumerate(self.rows)]
+        emits += [self._choose(r, self._state[r.serial], logits[i]) for i, r in enumerate(self.rows)]
         return emits
 
     def _choose(self, row: Row, state: _RowState, logits: np.ndarray) -> Emit:

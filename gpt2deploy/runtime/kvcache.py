@@ -267,15 +267,24 @@ class KVStepper:
             out.append(flat[: b * h * width * d].reshape(b, h, width, d))
         return out
 
-    def resume(self, kv: list[np.ndarray], mask: np.ndarray, last_pos: np.ndarray) -> None:
-        """Make this stepper continue rows whose cache is ``kv`` ([batch, heads, n, head_dim] per tensor),
-        ``mask`` [batch, n] and last position per row: the next ``step`` feeds position ``last_pos + 1``."""
+    def kv_views(self, n: int) -> list[np.ndarray] | None:
+        """CPU: writable [batch, heads, n, head_dim] views of the buffers ``resume`` reads (None elsewhere)."""
+        if self.device != "cpu":
+            return None
+        b, h, d = self.kv_shape
+        width = self.capacity if self.shared else n
+        return [buf.value[: b * h * width * d].reshape(b, h, width, d)[:, :, :n] for buf in self.sets[0]]
+
+    def resume(self, kv: list[np.ndarray] | None, mask: np.ndarray, last_pos: np.ndarray) -> None:
+        """Make this stepper continue rows whose cache is ``kv`` ([batch, heads, n, head_dim] per tensor;
+        None: already written into ``kv_views(n)``), ``mask`` [batch, n] and last position per row: the next
+        ``step`` feeds position ``last_pos + 1``."""
         b, h, d = self.kv_shape
         n = mask.shape[1]
         if mask.shape[0] != b or n > self.capacity:
             raise ValueError("rows do not fit the cache this stepper was sized for")
         width = self.capacity if self.shared else n
-        for buf, arr in zip(self.sets[0], kv, strict=True):
+        for buf, arr in zip(self.sets[0], kv or [], strict=False):
             if self.device == "cuda":
                 host = np.zeros(buf.value.shape()[0], dtype=self.kv_dtype)
                 host[: b * h * width * d].reshape(b, h, width, d)[:, :, :n] = arr

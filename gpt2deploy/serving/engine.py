@@ -18,6 +18,9 @@ from ..errors import Gpt2DeployError, UsageError
 from ..runtime.batcher import Batcher, Emit, Row, TokenLogprob
 from .metrics import Metrics
 
+#: Prompt positions run per decode step for a row that is joining (bounds the others' inter-token latency).
+PREFILL_CHUNK = 64
+
 
 class QueueFull(Exception):
     """More sequences are waiting than ``max_queue`` allows."""
@@ -76,7 +79,15 @@ class Engine:
     ``Engine.from_package(path, variant=..., device=..., threads=...)`` loads the package first.
     """
 
-    def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, model_id: str | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        model_id: str | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ):
         if max_batch < 1:
             raise UsageError(f"max_batch must be >= 1 (got {max_batch})")
         if max_queue < 0:
@@ -86,7 +97,7 @@ class Engine:
         self.max_queue = max_queue
         self.model_id = model_id or model.package.root.name
         self.metrics = Metrics()
-        self.batcher = Batcher(model.session, model.token_bytes)
+        self.batcher = Batcher(model.session, model.token_bytes, prefill_chunk)
         self._pending: collections.deque = collections.deque()  # (handle, index)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -97,7 +108,17 @@ class Engine:
 
     @classmethod
     def from_package(
-        cls, path, *, variant=None, device="auto", threads=None, verify=True, max_batch=8, max_queue=64, model_id=None
+        cls,
+        path,
+        *,
+        variant=None,
+        device="auto",
+        threads=None,
+        verify=True,
+        max_batch=8,
+        max_queue=64,
+        model_id=None,
+        prefill_chunk=PREFILL_CHUNK,
     ) -> Engine:
         import warnings
 
@@ -106,7 +127,7 @@ class Engine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = load(path, variant=variant, device=device, threads=threads, verify=verify)
-        return cls(model, max_batch=max_batch, max_queue=max_queue, model_id=model_id)
+        return cls(model, max_batch=max_batch, max_queue=max_queue, model_id=model_id, prefill_chunk=prefill_chunk)
 
     # -- facts for the API ----------------------------------------------------------------------
     @property
@@ -210,7 +231,7 @@ class Engine:
                     while self._pending and b.size + len(admit) < self.max_batch:
                         admit.append(self._pending.popleft())
             cancelled = 0
-            for row in [*b.rows, *b.joining]:
+            for row in b.live():
                 if not row.done and (late or row.key[0].cancelled):
                     self._deliver(b.cancel(row))
                     cancelled += 1
@@ -240,7 +261,7 @@ class Engine:
         try:
             if seq.prompt_logprobs:
                 handle._put(("prompt", i, self.batcher.prompt_logprobs(row.ids, seq.logprobs or 0)))
-            emit = self.batcher.add(row)
+            self.batcher.add(row)
         except Gpt2DeployError as e:
             handle._put(("error", i, str(e)))
             handle.open -= 1
@@ -250,7 +271,6 @@ class Engine:
             handle.open -= 1
             return
         self.metrics.tokens(prompt=len(row.ids))
-        self._deliver(emit)
 
     def _finish_unstarted(self, handle: Handle, i: int) -> None:
         row = Row(list(handle.seqs[i].ids), handle.seqs[i].opts, key=(handle, i), reason="cancelled")
@@ -276,7 +296,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         b = self.batcher
-        for row in [*b.rows, *b.joining]:
+        for row in b.live():
             if not row.done:
                 row.reason = "error"
                 handle, i = row.key
