@@ -178,7 +178,12 @@ def test_echo_and_logprobs_score_the_prompt(server, model):
     assert lp["token_logprobs"][1] == pytest.approx(ref, abs=1e-3)
     assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
     assert lp["text_offset"][:2] == [0, len(lp["tokens"][0])]
-    # echo of max_tokens 0 is not allowed: OpenAI's "score only" needs max_tokens >= 1 here
+    # scoring a text: echo, max_tokens 0
+    r = _complete(server, prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    c = r["choices"][0]
+    assert c["text"] == prompt and c["finish_reason"] == "length"
+    assert c["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][: len(ids)], abs=1e-4)
+    assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
     _, chunks = _stream(server, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1)
     assert chunks[0]["choices"][0]["text"] == prompt
 
@@ -312,6 +317,7 @@ BAD = [
     ({"prompt": [[1, 2], "a"]}, 400, "prompt"),
     ({"prompt": [999999]}, 400, "prompt"),
     ({"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "Hi", "max_tokens": -1, "echo": True}, 400, "max_tokens"),
     ({"prompt": "Hi", "max_tokens": "5"}, 400, "max_tokens"),
     ({"prompt": "Hi", "max_tokens": 100000}, 400, "max_tokens"),
     ({"prompt": "Hi", "temperature": -1}, 400, "temperature"),

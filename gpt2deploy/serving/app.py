@@ -304,7 +304,8 @@ class _Api:
         for p in req.prompts:
             for j in range(req.n):
                 try:
-                    seqs.append(self.engine.sequence(p, req.options(j), req.logprobs, want_prompt))
+                    score = req.max_tokens == 0
+                    seqs.append(self.engine.sequence(p, req.options(j), req.logprobs, want_prompt, score))
                 except Gpt2DeployError as e:
                     param = "max_tokens" if "max_new_tokens" in str(e) or "context" in str(e) else "prompt"
                     msg = (

@@ -39,6 +39,7 @@ class Sequence:
     logprobs: int | None = None
     prompt_logprobs: bool = False  # echo with logprobs: score the prompt tokens too
     truncated: int = 0  # prompt tokens dropped from the start to fit the context
+    score_only: bool = False  # echo with max_tokens 0: the prompt's log-probabilities, nothing generated
 
 
 class Handle:
@@ -151,13 +152,15 @@ class Engine:
             "max_batch": self.max_batch,
         }
 
-    def sequence(self, prompt, options: dict, logprobs: int | None = None, prompt_logprobs: bool = False) -> Sequence:
+    def sequence(
+        self, prompt, options: dict, logprobs: int | None = None, prompt_logprobs: bool = False, score_only=False
+    ) -> Sequence:
         """Tokenize and fit one prompt; raises the runtime's errors (GenerationError, UsageError) when it
         does not fit the context or an option is invalid."""
         ids = self.model.encode(prompt) if isinstance(prompt, str) else list(prompt)
         opts = self.model.options(**options)
         ids, dropped, opts = self.batcher.fit(ids, opts)
-        return Sequence(ids, opts, logprobs, prompt_logprobs, dropped)
+        return Sequence(ids, opts, logprobs, prompt_logprobs, dropped, score_only)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -261,6 +264,11 @@ class Engine:
         try:
             if seq.prompt_logprobs:
                 handle._put(("prompt", i, self.batcher.prompt_logprobs(row.ids, seq.logprobs or 0)))
+            if seq.score_only:
+                row.reason = "length"
+                self.metrics.tokens(prompt=len(row.ids))
+                self._deliver(Emit(row, -1, "", finish="length"))
+                return
             self.batcher.add(row)
         except Gpt2DeployError as e:
             handle._put(("error", i, str(e)))

@@ -77,7 +77,7 @@ class CompletionRequest:
         """Generation options for choice ``index`` of a prompt (choice i of a seeded request uses seed + i)."""
         sample = self.temperature > 0.0
         opts = {
-            "max_new_tokens": self.max_tokens,
+            "max_new_tokens": self.max_tokens or 1,  # 0 (echo only) is fitted to the context as 1
             "do_sample": sample,
             "temperature": self.temperature if sample else 1.0,
             "top_p": self.top_p,
@@ -209,7 +209,7 @@ def parse_completion(body, limits: Limits, vocab: int, context: int) -> Completi
     if model is not None and not isinstance(model, str):
         raise _bad("'model' must be a string", "model")
     prompts = _prompts(body.get("prompt"), limits, vocab, context)
-    max_tokens = _num(body, "max_tokens", 16, 1, context - 1, int)
+    max_tokens = _num(body, "max_tokens", 16, 0, context - 1, int)
     temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     top_k = _num(body, "top_k", 0, 0, vocab, int)
@@ -241,6 +241,9 @@ def parse_completion(body, limits: Limits, vocab: int, context: int) -> Completi
             raise _bad("'stream_options' must be an object with only 'include_usage'", "stream_options")
         if "include_usage" in so and not isinstance(so["include_usage"], bool):
             raise _bad("'stream_options.include_usage' must be true or false", "stream_options")
+    echo = _bool(body, "echo", False)
+    if max_tokens == 0 and not echo:
+        raise _bad("'max_tokens' 0 generates nothing; it is only valid with 'echo' (to score a prompt)", "max_tokens")
     return CompletionRequest(
         prompts=prompts,
         max_tokens=max_tokens,
@@ -251,7 +254,7 @@ def parse_completion(body, limits: Limits, vocab: int, context: int) -> Completi
         stop=stop,
         seed=seed,
         n=n,
-        echo=_bool(body, "echo", False),
+        echo=echo,
         logprobs=logprobs,
         stream=stream,
         include_usage=include_usage,
