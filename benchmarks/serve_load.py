@@ -78,6 +78,7 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> d
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     t0 = time.perf_counter()
     times: list[float] = []
+    pieces: list[str] = []
     tokens = 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -88,12 +89,14 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> d
             chunk = json.loads(line[6:])
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 times.append(time.perf_counter())
+                pieces.append(chunk["choices"][0]["text"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     ttft = times[0] - t0
     itl = list(np.diff(times))
     decode = (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
-    return {"ttft": ttft, "itl": itl, "tokens": tokens, "decode_tok_s": decode}
+    text = "".join(pieces)
+    return {"ttft": ttft, "itl": itl, "tokens": tokens, "decode_tok_s": decode, "prompt": prompt, "text": text}
 
 
 async def phase(url: str, clients: int, requests: int, max_tokens: int, lens: list[int]) -> dict:
@@ -116,6 +119,7 @@ async def phase(url: str, clients: int, requests: int, max_tokens: int, lens: li
     decode = [r["decode_tok_s"] for r in results if r["decode_tok_s"]]
     tokens = sum(r["tokens"] for r in results)
     return {
+        "outputs": [(r["prompt"], r["text"]) for r in results],
         "clients": clients,
         "requests": len(results),
         "tokens": tokens,
@@ -183,6 +187,15 @@ def main(argv=None) -> dict:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     gen_tok_s = statistics.median(gen) if gen else None
+    # greedy: does every request's text equal the same request run alone through generate?
+    for p in phases:
+        outputs = p.pop("outputs")
+        solo = {}
+        for prompt, _ in outputs:
+            if tuple(prompt) not in solo:
+                r = model.generate_ids([prompt], max_new_tokens=args.max_tokens, ignore_eos=True)
+                solo[tuple(prompt)] = model.decode(r.tokens[0])
+        p["equal_to_solo"] = sum(text == solo[tuple(prompt)] for prompt, text in outputs)
     single = next((p for p in phases if p["clients"] == 1 and "prompts" in p["label"]), None)
     top = max(phases, key=lambda p: p["clients"])
     checks = {}
@@ -210,11 +223,12 @@ def main(argv=None) -> dict:
                 round(p["itl_p50_ms"], 1),
                 round(p["itl_p99_ms"], 1),
                 round(p["request_decode_tok_s"], 1),
+                f"{p['equal_to_solo']}/{p['requests']}",
             ]
             for p in phases
         ]
         header = ["clients", "requests", "tokens", "aggregate tok/s", "TTFT p50 ms", "TTFT p99 ms"]
-        header += ["ITL p50 ms", "ITL p99 ms", "per-request decode tok/s"]
+        header += ["ITL p50 ms", "ITL p99 ms", "per-request decode tok/s", "text = solo generate"]
         body = md_table(header, rows)
         body += f"\n\n`generate_ids` decode in-process (same package and threads): {gen_tok_s:.1f} tok/s.\n\n"
         targets = []

@@ -407,8 +407,21 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_package):
         httpx.get(s.url + "/health", timeout=2)
 
 
-def test_serve_rejects_bad_options_before_loading(cli, tmp_path):
+def test_serve_rejects_bad_options_before_loading(cli, tmp_path, server):
     r = cli("serve", tmp_path / "missing", "--port", "0")
     assert r.exit_code == 2 and "port" in r.output
+    r = cli("serve", tmp_path / "missing", "--port", server.port)  # taken by the running server
+    assert r.exit_code == 2 and "cannot listen" in r.output
     r = cli("serve", tmp_path / "missing")
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+
+
+def test_runtime_and_cli_import_no_web_stack():
+    code = (
+        "import sys, gpt2deploy, gpt2deploy.cli, gpt2deploy.runtime.batcher, gpt2deploy.serving; "
+        "bad = [m for m in ('starlette', 'uvicorn', 'fastapi', 'httpx') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

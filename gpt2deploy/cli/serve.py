@@ -12,6 +12,26 @@ from .app import app, command, say
 API_KEY_ENV = "GPT2DEPLOY_API_KEY"
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Fail before the (slow) load when the address cannot be bound."""
+    import socket
+
+    from ..errors import UsageError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        raise UsageError(f"--host {host} is not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            msg = f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host"
+            raise UsageError(msg) from None
+
+
 @app.command("serve")
 @command
 def serve_cmd(
@@ -57,6 +77,7 @@ def serve_cmd(
     from ..serving.protocol import Limits
     from ..serving.server import run_server
 
+    _check_listen(host, port)
     key = api_key or os.environ.get(API_KEY_ENV) or None
     engine = Engine.from_package(
         package, variant=variant, device=device, threads=threads, verify=not no_verify,

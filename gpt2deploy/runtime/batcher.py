@@ -139,6 +139,7 @@ class Batcher:
         self._state: dict[int, _RowState] = {}
         self._serials = itertools.count(1)
         self.rebuilds = 0
+        self.decode_steps = 0
 
     # -- membership -------------------------------------------------------------------------
     @property
@@ -256,6 +257,7 @@ class Batcher:
             return emits
         tokens = np.array([r.tokens[-1] for r in self.rows], dtype=np.int64)
         logits = self.stepper.step(tokens)
+        self.decode_steps += 1
         emits += [self._choose(r, self._state[r.serial], logits[i]) for i, r in enumerate(self.rows)]
         return emits
 

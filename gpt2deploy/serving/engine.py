@@ -167,7 +167,7 @@ class Engine:
         with self._cond:
             if self._thread is not None:
                 return self
-            self._accepting, self._stopping = True, False
+            self._accepting, self._stopping, self._deadline = True, False, None
             self._thread = threading.Thread(target=self._run, name="gpt2deploy-decode", daemon=True)
             self._thread.start()
         self.ready.set()
@@ -233,28 +233,34 @@ class Engine:
                 else:
                     while self._pending and b.size + len(admit) < self.max_batch:
                         admit.append(self._pending.popleft())
-            cancelled = 0
-            for row in b.live():
-                if not row.done and (late or row.key[0].cancelled):
-                    self._deliver(b.cancel(row))
-                    cancelled += 1
-            for handle, i in admit:
-                if late or handle.cancelled:
-                    self._finish_unstarted(handle, i)
-                    cancelled += 1
-                else:
-                    self._admit(handle, i)
+            steps = b.decode_steps
             try:
-                emits = b.step()
+                cancelled = self._iteration(admit, late)
             except Exception as e:  # a failing run must not leave requests hanging
                 self._fail_all(f"generation failed: {_one_line(e)}")
-                emits = []
-            for e in emits:
-                self._deliver(e)
+                cancelled = 0
             with self._cond:
-                self.metrics.loop_state(len(self._pending), b.size, 1 if emits else 0, cancelled)
+                self.metrics.loop_state(len(self._pending), b.size, b.decode_steps - steps, cancelled)
         with self._cond:
             self.metrics.loop_state(0, 0)
+
+    def _iteration(self, admit: list, late: bool) -> int:
+        """Cancel what must go, admit what may come, run one step; returns the sequences cancelled."""
+        b = self.batcher
+        cancelled = 0
+        for row in b.live():
+            if not row.done and (late or row.key[0].cancelled):
+                self._deliver(b.cancel(row))
+                cancelled += 1
+        for handle, i in admit:
+            if late or handle.cancelled:
+                self._finish_unstarted(handle, i)
+                cancelled += 1
+            else:
+                self._admit(handle, i)
+        for e in b.step():
+            self._deliver(e)
+        return cancelled
 
     def _admit(self, handle: Handle, i: int) -> None:
         seq = handle.seqs[i]
