@@ -54,11 +54,16 @@ def run_cmd(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating after the end-of-text token."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON result object instead of streaming text."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of the package files."),
+    speculative: str = typer.Option(
+        "auto",
+        "--speculative",
+        help="Speculative decoding (greedy output unchanged): auto, off, prompt-lookup, or a draft package directory.",
+    ),
 ) -> None:
     """Generate a continuation of PROMPT with a package, streamed to stdout as it is decoded."""
-    from ..errors import GenerationError
+    from ..errors import GenerationError, UsageError
     from ..runtime.model import load
-    from ..runtime.options import build_options
+    from ..runtime.options import SPECULATIVE_MODES, build_options
 
     text = _read_prompt(prompt)
     if text == "":
@@ -76,10 +81,20 @@ def run_cmd(
         "ignore_eos": ignore_eos or None,
     }
     opts = {k: v for k, v in opts.items() if v is not None}
-    build_options({}, opts)  # fail on bad values before the (slow) load
+    draft_dir = None if speculative in SPECULATIVE_MODES else Path(speculative)
+    if draft_dir is not None and not draft_dir.is_dir():
+        raise UsageError(
+            f"--speculative {speculative!r} is neither {', '.join(SPECULATIVE_MODES)} nor a draft package directory"
+        )
+    build_options({}, {**opts, "speculative": speculative if draft_dir is None else None})  # fail before the load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load(package, variant=variant, device=device, threads=threads, verify=not no_verify)
+        if draft_dir is not None:
+            opts["speculative"] = load(draft_dir, device=model.device, threads=threads, verify=not no_verify)
+            say(f"[run] draft {draft_dir.name} variant {opts['speculative'].variant}")
+        else:
+            opts["speculative"] = speculative
     say(f"[run] variant {model.variant} on {model.device} ({model.selection_reason})")
     for note in model.notes:
         say(f"warning: {note}")
@@ -104,6 +119,9 @@ def run_cmd(
             raise typer.Exit(0) from None
     result = stream.result
     t = result.timings
+    spec = t.get("speculation")
+    if spec and spec.get("note") and speculative != "auto":
+        say(f"[run] note: {spec['note']}")
     tok_s = t.get("decode_tokens_per_second")
     if as_json:
         typer.echo(
@@ -121,6 +139,7 @@ def run_cmd(
                         "prefill_seconds": t["prefill_seconds"],
                         "decode_seconds": t["decode_seconds"],
                         "decode_steps": t["decode_steps"],
+                        "speculation": spec,
                     },
                     "tokens_per_second": tok_s,
                 },
@@ -129,6 +148,8 @@ def run_cmd(
         )
     else:
         speed = f", decode {tok_s:.1f} tok/s" if tok_s else ""
+        if spec and spec.get("proposer") and spec["rounds"]:
+            speed += f", {spec['proposer']} accepted {spec['accepted']}/{spec['proposed']} proposed tokens"
         say(
             f"[run] {result.prompt_tokens[0]} prompt tokens, {result.new_tokens[0]} new tokens "
             f"({result.finish_reasons[0]}); "

@@ -301,6 +301,47 @@ class KVStepper:
             self._bind_host(LOGITS_TO_KEEP, self._one)
         self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
 
+    # -- multi-token steps with past and rollback (speculative decoding, see ``speculative``) ------------
+    def extend(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed ``t`` tokens per row in one run (a multi-token step with past); returns logits [batch, t, vocab].
+
+        In-place caches only. The positions they fill can be given back with ``truncate``.
+        """
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        n, t = self.length, tokens.shape[1]
+        if not self.shared or tokens.shape[0] != self.batch:
+            raise ValueError("multi-token steps need an in-place cache and one row of tokens per batch row")
+        if n + t > self.capacity:
+            raise ValueError("the KV cache is full")
+        pos = np.ascontiguousarray(self.pos + np.arange(1, t + 1, dtype=np.int64))
+        mask = np.ascontiguousarray(self.mask[:, : n + t])
+        keep = np.array([t], dtype=np.int64)
+        logits = np.empty((self.batch, t, self.logits.shape[-1]), self.logits_dtype)
+        self._keep = (tokens, pos, mask, keep, logits)  # bound by pointer: alive until the run is done
+        for name, arr in zip(("input_ids", "position_ids", "attention_mask"), (tokens, pos, mask), strict=False):
+            self._bind_host(name, arr)
+        if self.dec.keeps_logits:
+            self._bind_host(LOGITS_TO_KEEP, keep)
+        self._bind_out("logits", "cpu", logits.dtype, list(logits.shape), logits.ctypes.data)
+        t0 = time.perf_counter()
+        self.dec.session.run_with_iobinding(self.io)
+        self.run_seconds += time.perf_counter() - t0
+        self.length = n + t
+        self.pos[:, 0] = pos[:, -1]
+        self._bind_host("input_ids", self.ids)  # back to the single-token step's bindings
+        self._bind_host("position_ids", self.pos)
+        if self.dec.keeps_logits:
+            self._bind_host(LOGITS_TO_KEEP, self._one)
+        self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def truncate(self, length: int) -> None:
+        """Forget every cached position from ``length`` on (in-place caches: the next step overwrites them)."""
+        if not self.shared or not self.prefill_length <= length <= self.length:
+            raise ValueError("only an in-place cache can roll back, and not into the prompt")
+        self.pos -= self.length - length
+        self.length = length
+
     def cache(self) -> list[np.ndarray]:
         """The current cache as numpy arrays (a copy; for tests and inspection)."""
         b, h, d = self.kv_shape

@@ -132,7 +132,7 @@ class Model:
         """Continue one prompt (returns a str) or a batch of prompts (returns a list of str).
 
         Options: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, stop, seed,
-        ignore_eos, eos_token_id, truncate. Greedy unless do_sample=True. The prompt is not repeated.
+        ignore_eos, eos_token_id, truncate, speculative. Greedy unless do_sample=True. The prompt is not repeated.
         """
         single = isinstance(prompt_or_prompts, str)
         result = self.generate_result(prompt_or_prompts, **opts)
@@ -187,7 +187,9 @@ class Model:
 
     # -- internals --------------------------------------------------------------------------
     def _generation(self, rows: list[list[int]], o: GenerationOptions) -> Generation:
-        return Generation(self.session, rows, o)
+        from .speculative import plan
+
+        return plan(self, rows, o)
 
     def _stepper_for(self, gen: Generation) -> _Lease:
         return _Lease(self, gen.batch, gen.capacity)

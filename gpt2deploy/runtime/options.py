@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields, replace
 from ..errors import UsageError
 
 DEFAULT_MAX_NEW_TOKENS = 128
+#: ``speculative=`` strings (a loaded draft ``Model`` is accepted too; see ``speculative``).
+SPECULATIVE_MODES = ("auto", "off", "prompt-lookup")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class GenerationOptions:
     ignore_eos: bool = False
     truncate: bool = False
     pad_token_id: int = 0
+    speculative: object = None  # None/"auto", "off", "prompt-lookup", a bool, or a loaded draft Model (see speculative)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -120,6 +123,11 @@ def validate(o: GenerationOptions) -> None:
         )
     if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int) or o.seed < 0):
         raise UsageError(f"seed must be a non-negative integer (got {o.seed!r})")
+    spec = o.speculative
+    if not (spec is None or isinstance(spec, bool) or spec in SPECULATIVE_MODES or hasattr(spec, "session")):
+        raise UsageError(
+            f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, a bool or a loaded draft model (got {spec!r})"
+        )
     for s in o.stop:
         if not isinstance(s, str) or s == "":
             raise UsageError(f"stop strings must be non-empty strings (got {s!r})")
