@@ -165,9 +165,30 @@ class CTranslate2Engine:
         return ttft, total - ttft, total, count
 
 
+class LlamaCppEngine:
+    """llama.cpp's ``llama-bench`` on a GGUF model: decode of n tokens after the prompt's context, and the prompt
+    step, one repetition each per call (see ``llamacpp.py``). It runs in a child process of the worker."""
+
+    def __init__(self, spec: dict):
+        import llamacpp
+
+        self.spec = spec
+        self.bench = llamacpp.bench
+        self.name = f"llama.cpp {spec['quant']} (llama-bench, {spec['version']})"
+        self.model_bytes = Path(spec["model"]).stat().st_size
+
+    def generate(self, ids: list[int], n: int):
+        s = self.spec
+        ttft = len(ids) / self.bench(s["bench"], s["model"], s["threads"], len(ids), 0, 0)["avg_ts"]
+        tg = self.bench(s["bench"], s["model"], s["threads"], 0, n, len(ids))["avg_ts"]
+        decode = (n - 1) / tg  # the harness reports (n - 1) tokens over the decode time
+        return ttft, decode, ttft + decode, n
+
+
 ENGINES = {
     "gpt2deploy": Gpt2deployEngine,
     "transformers": TransformersEngine,
     "optimum": OptimumEngine,
     "ctranslate2": CTranslate2Engine,
+    "llamacpp": LlamaCppEngine,
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -23,9 +24,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import bandwidth  # noqa: E402
 import envs  # noqa: E402
+import llamacpp  # noqa: E402
+import peer_ratios  # noqa: E402
 import plot  # noqa: E402
 import prepare  # noqa: E402
+import results  # noqa: E402
 import table  # noqa: E402
 from peers import Peer  # noqa: E402
 
@@ -37,6 +42,9 @@ ALL_ENGINES = [
     "optimum",
     "ctranslate2-int8",
     "ctranslate2-float32",
+    "llamacpp-f32",
+    "llamacpp-q8_0",
+    "llamacpp-q4_0",
 ]
 
 
@@ -133,6 +141,25 @@ def build_peers(a, ckpt: Path, prompt: list[int], log_dir: Path) -> list[Peer]:
                 "tokenizer": str(ckpt / "tokenizer.json"),
             }
             peers.append(Peer(key, spec, reason=reason))
+        elif key.startswith("llamacpp-"):
+            quant = key.split("-", 1)[1].upper()
+            log = log_dir / "llamacpp.log"
+            reason = llamacpp.ensure_build(log, say=say)
+            models, reason = (
+                ({}, reason)
+                if reason
+                else llamacpp.gguf_models(ckpt, prepare.WORK, prepare.checkpoint_key(ckpt), log, say=say)
+            )
+            src = llamacpp.source_dir()
+            spec = {
+                **common,
+                "engine": "llamacpp",
+                "model": str(models.get(quant, "")),
+                "quant": quant,
+                "bench": str(llamacpp.tool("llama-bench")),
+                "version": src.parent.parent.name.replace("_", "-") if src else "",
+            }
+            peers.append(Peer(key, spec, reason=reason))
     return peers
 
 
@@ -162,7 +189,15 @@ def main(argv=None) -> int:
                 p.start(log_dir)
             say(f"{p.key}: {'ready: ' + p.name if p.available else p.reason}")
         order = [p for p in peers if p.available]
+        probes: dict[str, list[float]] = {"1": [], str(a.threads): []}
         for r in range(a.repeat):
+            time.sleep(a.gap)
+            for n in {1, a.threads}:
+                probes[str(n)].append(bandwidth.read_gbps(n))
+            say(
+                f"round {r + 1}/{a.repeat}: read bandwidth "
+                + ", ".join(f"{v[-1]:.1f} GB/s ({n} thr)" for n, v in probes.items())
+            )
             k = r % len(order) if order else 0
             turn = order[k:] + order[:k]
             if r % 2:
@@ -180,6 +215,7 @@ def main(argv=None) -> int:
                     )
                 else:
                     say(f"round {r + 1}/{a.repeat} {p.key}: failed: {p.reason}")
+        bandwidth.release()
         for p in peers:
             p.record_memory()
         if not a.no_curve:
@@ -211,6 +247,7 @@ def main(argv=None) -> int:
         },
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
         "engines": rows,
+        "bandwidth": {n: statistics.median(v) for n, v in probes.items() if v},
         "created": stamp,
     }
     md = table.markdown(result)
@@ -222,6 +259,10 @@ def main(argv=None) -> int:
     if png is not None:
         (a.out / "latest.png").write_bytes(png.read_bytes())
     print(md)
+    llama = peer_ratios.section(result)
+    if llama is not None:
+        results.record("Batch-1 decode vs llama.cpp", llama)
+        print(llama)
     say(f"wrote {a.out / f'bench-{stamp}'}.md, .json{', .png' if png else ''} (worker logs in {log_dir})")
     return 0
 

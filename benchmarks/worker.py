@@ -32,7 +32,11 @@ def _status_kb(field: str) -> int:
 
 
 def memory() -> dict:
-    return {"peak_rss_mb": round(_status_kb("VmHWM") / 1024, 1), "rss_mb": round(_status_kb("VmRSS") / 1024, 1)}
+    """This process's peak RSS, or its largest child's (engines that run a tool, e.g. llama-bench) if larger."""
+    import resource
+
+    peak = max(_status_kb("VmHWM"), int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+    return {"peak_rss_mb": round(peak / 1024, 1), "rss_mb": round(_status_kb("VmRSS") / 1024, 1)}
 
 
 def timed(engine, ids: list[int], n: int) -> dict:

@@ -39,10 +39,14 @@ class RunTiming:
         return self.batch * self.new_tokens / self.total_seconds
 
 
-def generate_timed(model, prompts: list[list[int]], new_tokens: int) -> RunTiming:
-    """Run the user-facing generation loop once (greedy, EOS ignored) and return its timings."""
+def generate_timed(model, prompts: list[list[int]], new_tokens: int, speculative="off") -> RunTiming:
+    """Run the user-facing generation loop once (greedy, EOS ignored) and return its timings.
+
+    Speculative decoding is off unless asked for: its speed depends on the text, not on the engine alone."""
     t0 = time.perf_counter()
-    result = model.generate_ids(prompts, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+    result = model.generate_ids(
+        prompts, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True, speculative=speculative
+    )
     total = time.perf_counter() - t0
     got = sorted({len(t) for t in result.tokens})
     if got != [new_tokens] or len(result.tokens) != len(prompts):
