@@ -98,8 +98,8 @@ def profile(pkg: Path, variant: str, threads: int, steps: int) -> dict:
     }
 
 
-def recipe_copy(pkg: Path, name: str, say, **options) -> Path | None:
-    """A copy of ``pkg`` whose int4 variant is quantized with ``options`` (cached under benchmarks/.work/)."""
+def recipe_copy(pkg: Path, name: str, say, mode: str = "int4", **options) -> Path | None:
+    """A copy of ``pkg`` whose ``mode`` variant is quantized with ``options`` (cached under benchmarks/.work/)."""
     from gpt2deploy.quantizing import quantize_package
 
     out = prepare.WORK / f"{pkg.name}-{name}"
@@ -113,9 +113,9 @@ def recipe_copy(pkg: Path, name: str, say, **options) -> Path | None:
             dst = tmp / f.relative_to(pkg)
             dst.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copy2 if f.name in ("manifest.json",) else lambda a, b: Path(b).symlink_to(a))(f, dst)
-    say(f"quantizing int4 {options} into {out}")
+    say(f"quantizing {mode} {options} into {out}")
     try:
-        quantize_package(tmp, "int4", force=True, **options)
+        quantize_package(tmp, mode, force=True, **options)
     except Exception as e:  # a recipe the quantizer refuses: left out of the table
         say(f"recipe {name} failed: {e}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,10 +180,14 @@ def main(argv=None) -> int:
             "block64": {"block_size": 64},
             "block128": {"block_size": 128},
             "acc1": {"block_size": 32, "accuracy_level": 1},
+            "head4": {"head_bits": 4},
+            "int8block": {"mode": "int8", "granularity": "block"},
         }.items():
             copy = recipe_copy(pkg, name, say, **opts)
             if copy is not None:
-                alternatives[f"int4 {opts}"] = {**base, "pkg": copy}
+                v = opts.get("mode", "int4")
+                label = ", ".join(f"{k}={x}" for k, x in opts.items() if k != "mode")
+                alternatives[f"{v} ({label})"] = {**base, "variant": v, "pkg": copy}
     steppers = {"int4 (runtime defaults)": stepper_for(pkg, "int4", a.threads)}
     for name, c in alternatives.items():
         steppers[name] = stepper_for(c["pkg"], c["variant"], c["threads"], c["config"])
