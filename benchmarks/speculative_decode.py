@@ -19,6 +19,7 @@ Results go to RESULTS.md through ``results.record``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
                 if stats.get("proposed"):
                     rec["accept"].append(stats["accepted"] / stats["proposed"])
                 say(f"round {r + 1}/{a.repeat} {v} {w}: {off:.1f} -> {on:.1f} tok/s ({on / off:.2f}x)")
+    prepare.WORK.mkdir(parents=True, exist_ok=True)
+    raw = {f"{v} | {w}": rec for (v, w), rec in runs.items()}
+    (prepare.WORK / "speculative-latest.json").write_text(json.dumps(raw, indent=1))
     table = []
     for (v, w), rec in runs.items():
         med = statistics.median
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
         )
     body = [
         f"Model: {pkg.name} ({next(iter(models.values())).dims.n_layer} layers x "
-        f"{next(iter(models.values())).dims.n_embd}); batch 1, {a.new_tokens} greedy new tokens (EOS ignored), "
+        f"{next(iter(models.values())).dims.hidden_size}); batch 1, {a.new_tokens} greedy new tokens (EOS ignored), "
         f"{a.threads} threads; {a.repeat} rounds, each with plain and speculative runs back to back in alternating "
         "order; median decode tok/s and median (min-max) of the per-round ratio. The int8 variant is not listed: "
         "its activations share one quantization scale per call, so speculation is off for it.",
