@@ -21,9 +21,9 @@ Greedy decoding only: sampling (``do_sample``) and the repetition penalty keep t
 Speculation also needs an in-place KV cache variant, MatMuls whose result for a position does not depend on the
 other positions of the step (not the int8 recipe, whose activations share one dynamic scale per call), and an
 ONNX Runtime that runs multi-token steps with past; otherwise it is off with a note. ``"auto"`` (the default)
-turns prompt lookup on for greedy decoding where those hold; the lookup runs only while its guesses are being
-accepted (``k`` adapts per round, and after a run of rejected rounds it pauses), so a text that never repeats
-costs about what a plain decode costs.
+turns prompt lookup on for greedy decoding of one prompt where those hold; the lookup runs only while its
+guesses are being accepted (``k`` adapts per round, and after a run of rejected rounds it pauses), so a text
+that never repeats costs about what a plain decode costs.
 """
 
 from __future__ import annotations
@@ -200,6 +200,8 @@ def plan(model, rows: list[list[int]], opts: GenerationOptions) -> Generation:
     dec = model.session
     value = "auto" if opts.speculative is None else opts.speculative
     if value is False or value == "off":
+        return Generation(dec, rows, opts)
+    if value == "auto" and len(rows) > 1:  # a batch advances by its shortest accepted prefix: not a sure win
         return Generation(dec, rows, opts)
     why = unavailable(dec, opts)
     if why is not None:
