@@ -68,6 +68,9 @@ def test_prompt_lookup_batch_left_padded(ref, eval_ids):
     plain, spec = plain_and_speculative(ref, rows, "prompt-lookup", n=64)
     assert spec.tokens == plain.tokens
     assert spec.timings["speculation"]["rounds"] > 0
+    assert "speculation" not in ref.generate_ids(rows, max_new_tokens=4).timings  # auto: one prompt only
+    auto = ref.generate_ids(rows[:1], max_new_tokens=16, ignore_eos=True)
+    assert auto.timings["speculation"]["proposer"] == "prompt-lookup" and auto.tokens[0] == plain.tokens[0][:16]
 
 
 def test_eos_and_budget_end_rows_as_plain_decoding(ref, eval_ids):
