@@ -34,7 +34,8 @@ def paired_ratio(a: dict, b: dict) -> float | None:
 def section(result: dict) -> str | None:
     """Markdown for RESULTS.md, or None when no llama.cpp engine ran."""
     rows = {r["key"]: r for r in result["engines"] if "unavailable" not in r}
-    if not any(k.startswith("llamacpp-") for k in rows):
+    missing = [r for r in result["engines"] if "unavailable" in r and r["key"].startswith("llamacpp-")]
+    if not any(k.startswith("llamacpp-") for k in rows) and not missing:
         return None
     bw = result.get("bandwidth", {})
     one, many = bw.get("1"), bw.get(str(result["workload"]["threads"]))
@@ -55,6 +56,8 @@ def section(result: dict) -> str | None:
                 f"{used / many:.2f}" if many else "n/a",
             ]
         )
+    for r in missing:
+        table.append([f"{r['key']}: {r['unavailable']}", "", "", "", "", ""])
     ratios = []
     for a, b in PAIRS:
         if a in rows and b in rows:
