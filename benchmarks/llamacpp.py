@@ -51,10 +51,12 @@ def _tail(log: Path) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
-def ensure_build(log: Path, say=print) -> str:
+def ensure_build(log: Path, say=print, build: bool = True) -> str:
     """Build the tools once; "" when they are there, else why not."""
     if all(tool(t) for t in TOOLS):
         return ""
+    if not build:
+        return "not available: llama.cpp's tools are not built (run the harness without --no-llama-build)"
     if os.environ.get("CI"):
         return "not available: llama.cpp is not built under CI (run the harness once outside CI to build it)"
     for exe in ("cmake", "c++"):

@@ -85,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--optimum-python",
         help="python of an environment with optimum-onnx (default: create benchmarks/.work/optimum-venv)",
     )
+    ap.add_argument(
+        "--no-llama-build",
+        action="store_true",
+        help="report llama.cpp unavailable instead of building it when its tools are missing",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     unknown = [e for e in a.engines.split(",") if e not in ALL_ENGINES]
@@ -144,7 +149,7 @@ def build_peers(a, ckpt: Path, prompt: list[int], log_dir: Path) -> list[Peer]:
         elif key.startswith("llamacpp-"):
             quant = key.split("-", 1)[1].upper()
             log = log_dir / "llamacpp.log"
-            reason = llamacpp.ensure_build(log, say=say)
+            reason = llamacpp.ensure_build(log, say=say, build=not a.no_llama_build)
             models, reason = (
                 ({}, reason)
                 if reason
