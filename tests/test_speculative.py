@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import EVAL_TEXT, GPT2_REF, requires_gpt2_ref
 
-pytestmark = [requires_gpt2_ref, pytest.mark.timeout(900)]
+pytestmark = [requires_gpt2_ref, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
