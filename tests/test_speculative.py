@@ -68,8 +68,8 @@ def test_prompt_lookup_batch_left_padded(ref, eval_ids):
     plain, spec = plain_and_speculative(ref, rows, "prompt-lookup", n=64)
     assert spec.tokens == plain.tokens
     assert spec.timings["speculation"]["rounds"] > 0
-    assert "speculation" not in ref.generate_ids(rows, max_new_tokens=4).timings  # auto: one prompt only
-    auto = ref.generate_ids(rows[:1], max_new_tokens=16, ignore_eos=True)
+    assert "speculation" not in ref.generate_ids(rows, max_new_tokens=4, speculative="auto").timings  # one prompt
+    auto = ref.generate_ids(rows[:1], max_new_tokens=16, ignore_eos=True, speculative="auto")
     assert auto.timings["speculation"]["proposer"] == "prompt-lookup" and auto.tokens[0] == plain.tokens[0][:16]
 
 
@@ -162,7 +162,7 @@ def test_off_with_a_note_where_it_cannot_be_exact(built_package, ref, eval_ids, 
     int8 = gpt2deploy.load(built_package, variant="int8", device="cpu", threads=2)
     r = int8.generate_ids([[5, 6, 7, 5, 6]], max_new_tokens=8, speculative="prompt-lookup")
     assert "one scale per call" in r.timings["speculation"]["note"]
-    assert "speculation" not in int8.generate_ids([[5, 6, 7]], max_new_tokens=8).timings  # auto: silently plain
+    assert "speculation" not in int8.generate_ids([[5, 6, 7]], max_new_tokens=8, speculative="auto").timings
     # a runtime without multi-token steps with past
     monkeypatch.setattr(speculative, "_ort_version", lambda: (1, 20))
     r = ref.generate_ids(rows, max_new_tokens=8, speculative="prompt-lookup")

@@ -55,7 +55,7 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON result object instead of streaming text."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of the package files."),
     speculative: str = typer.Option(
-        "auto",
+        "off",
         "--speculative",
         help="Speculative decoding (greedy output unchanged): auto, off, prompt-lookup, or a draft package directory.",
     ),

@@ -27,7 +27,7 @@ class GenerationOptions:
     ignore_eos: bool = False
     truncate: bool = False
     pad_token_id: int = 0
-    speculative: object = None  # None/"auto", "off", "prompt-lookup", a bool, or a loaded draft Model (see speculative)
+    speculative: object = None  # None/"off", "auto", "prompt-lookup", a bool, or a loaded draft Model (see speculative)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property

@@ -20,9 +20,9 @@ Proposers:
 Greedy decoding only: sampling (``do_sample``) and the repetition penalty keep the plain loop, with a note.
 Speculation also needs an in-place KV cache variant, MatMuls whose result for a position does not depend on the
 other positions of the step (not the int8 recipe, whose activations share one dynamic scale per call), and an
-ONNX Runtime that runs multi-token steps with past; otherwise it is off with a note. ``"auto"`` (the default)
-turns prompt lookup on for greedy decoding of one prompt where those hold; the lookup runs only while its
-guesses are being accepted (``k`` adapts per round, and after a run of rejected rounds it pauses), so a text
+ONNX Runtime that runs multi-token steps with past; otherwise it is off with a note. It is off by default;
+``"auto"`` turns prompt lookup on for greedy decoding of one prompt where those hold; the lookup runs only while
+its guesses are being accepted (``k`` adapts per round, and after a run of rejected rounds it pauses), so a text
 that never repeats costs about what a plain decode costs.
 """
 
@@ -198,7 +198,7 @@ def plan(model, rows: list[list[int]], opts: GenerationOptions) -> Generation:
     """The generation ``model`` (a loaded ``Model``) runs for these options: a speculative one where it can,
     else the plain loop (with the reason in ``timings['speculation']`` when speculation was asked for)."""
     dec = model.session
-    value = "auto" if opts.speculative is None else opts.speculative
+    value = "off" if opts.speculative is None else opts.speculative
     if value is False or value == "off":
         return Generation(dec, rows, opts)
     if value == "auto" and len(rows) > 1:  # a batch advances by its shortest accepted prefix: not a sure win
