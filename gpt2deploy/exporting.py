@@ -38,8 +38,9 @@ class ExportResult:
 def variant_entry(
     root: Path, name: str, files: list[str], precision: str, opset: int, recipe: dict, providers: list[str], **extra
 ) -> dict:
-    """A manifest variant entry with file hashes computed from disk."""
+    """A manifest variant entry with file hashes computed from disk and the runtime its graph needs."""
     entries = [file_entry(root, f) for f in files]
+    extra.setdefault("requires", graph_requires(Path(root) / files[0]))
     return {
         "file": files[0],
         "files": entries,
@@ -51,6 +52,16 @@ def variant_entry(
         "libraries": library_versions(),
         **extra,
     }
+
+
+def graph_requires(path: Path) -> dict:
+    """``{"onnxruntime": "1.xx"}``: the oldest ONNX Runtime that loads the graph at ``path`` (quant.requirements)."""
+    import onnx
+
+    from quant.requirements import requirement
+
+    need = requirement(onnx.load(str(path), load_external_data=False))
+    return {"onnxruntime": need["onnxruntime"]}
 
 
 def _generation_defaults(ckpt_dir: Path, dims: dict) -> dict:
