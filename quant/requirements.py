@@ -22,8 +22,8 @@ MS_DOMAIN = "com.microsoft"
 
 #: op -> ((release, max inputs accepted), ...) in release order, from FLOOR on.
 SCHEMA_MAX_INPUTS: dict[str, tuple[tuple[str, int], ...]] = {
-    # 1.22: attention_bias (10); 1.23: head_sink (11); 1.25: 13-14; 1.29: 15-16; 1.32: query lengths (16)
-    "GroupQueryAttention": (("1.22", 11), ("1.23", 12), ("1.25", 14), ("1.29", 16), ("1.32", 17)),
+    # 1.22: attention_bias (10); 1.23: head_sink (11); 1.25: 13-14; 1.28: 15-16; 1.32: query lengths (16)
+    "GroupQueryAttention": (("1.22", 11), ("1.23", 12), ("1.25", 14), ("1.28", 16), ("1.32", 17)),
     "MultiHeadAttention": (("1.22", 10),),
     "MatMulNBits": (("1.22", 6),),
     "GatherBlockQuantized": (("1.22", 4),),
