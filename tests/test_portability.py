@@ -14,7 +14,7 @@ from runtime_envs import FLOOR, GPU, node_greedy, run_greedy, runtime_python
 
 import gpt2deploy
 from gpt2deploy.errors import VariantError
-from gpt2deploy.manifest import VARIANT_FILES
+from gpt2deploy.manifest import VARIANT_FILES, file_entry
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045], [818, 11361, 11, 257]]
 NEW = 8
@@ -168,7 +168,11 @@ def test_verify_checks_requires(portable_package, tmp_path):
     node = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
     node.input.extend([""] * (16 - len(node.input)) + [node.input[0]])  # 17 inputs: a 1.32 graph
     onnx.save(model, str(path))
-    problems = verify_package(low, hashes=False).problems
+    m = json.loads((low / "manifest.json").read_text())  # the files match: only the requirement is stale
+    m["variants"]["fp32"]["files"][0] = file_entry(low, VARIANT_FILES["fp32"])
+    m["variants"]["fp32"]["size"] = sum(f["size"] for f in m["variants"]["fp32"]["files"])
+    (low / "manifest.json").write_text(json.dumps(m))
+    problems = verify_package(low).problems
     assert any("needs onnxruntime >= 1.22 but its graph needs >= 1.32" in p for p in problems), problems
 
 
