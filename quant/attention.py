@@ -15,9 +15,9 @@ scores is raised to -10000 so it stays finite in float16 (see ``MASK_FILL``).
 ``total_sequence_length``) are computed inside the graph from ``attention_mask``. The node is written in the
 oldest input schema that takes the mask bias (11 inputs, ``attention_bias`` last: ONNX Runtime 1.22), not
 with the later optional inputs (head sink, per-row query lengths), so the same graph loads on every runtime
-from 1.22 on, onnxruntime-gpu and onnxruntime-node included; a multi-token step with past (the chunked
-prompt step) runs in that schema too, since every row's query length is the step's width, and every other use of
-the past length (the exporter reads it from the past tensors' shape) is rewritten to
+from 1.22 on, onnxruntime-gpu and onnxruntime-node included. In that schema a multi-token step with past
+(the chunked prompt step) runs for batch 1 only; the runtime runs a batch's prompt in one step. Every other
+use of the past length (the exporter reads it from the past tensors' shape) is rewritten to
 ``attention_mask`` width - ``input_ids`` width. The graph then still follows the plain contract (past of
 length P, present of length P + S) and also accepts a past buffer of any capacity >= P + S bound to the
 same memory as its present: the new positions are written in place and nothing is copied or
