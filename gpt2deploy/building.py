@@ -55,6 +55,29 @@ def parse_variants(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(n for n in VARIANT_FILES if n in names)
 
 
+#: ``--target`` device -> variants it adds: a CPU build's defaults; CUDA gets fp16 (MultiHeadAttention, runs on
+#: CUDA and, slower, on the CPU execution provider of any runtime from the floor on).
+TARGETS = {"cpu": DEFAULT_VARIANTS, "cuda": ("fp32", "fp16")}
+
+
+def variants_for_targets(variants: str | Iterable[str] | None, targets: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Variants to build for ``targets`` ("cpu", "cuda" or "cpu,cuda"): ``variants`` (default: the CPU set) plus
+    what each target needs; ``targets=None`` builds ``variants`` as given."""
+    if targets is None:
+        return parse_variants(variants)
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
+    names = [t for t in names if t]
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        bad = unknown[0] if unknown else ""
+        raise UsageError(f"unknown --target '{bad}'; choose cpu, cuda or cpu,cuda")
+    base = () if variants is None else parse_variants(variants)
+    if variants is None and "cpu" not in names:
+        base = ()
+    extra = [v for t in names for v in TARGETS[t]]
+    return parse_variants([*base, *extra])
+
+
 def _order(name: str) -> int:
     return list(VARIANT_FILES).index(name) if name in VARIANT_FILES else len(VARIANT_FILES)
 
@@ -141,15 +164,17 @@ def build_package(
     thresholds: Mapping[str, float] | Iterable[str] | None = None,
     opset: int | None = None,
     max_tokens: int | None = None,
+    target: str | Iterable[str] | None = None,
 ) -> BuildResult:
     """Build a package with ``variants`` at ``out``; see the module docstring.
 
     fp32 is always exported (it is the source of the other variants and the accuracy reference); it is
-    kept in the package only when listed in ``variants``. ``thresholds`` and ``max_tokens`` go to the
+    kept in the package only when listed in ``variants``. ``target`` ("cpu", "cuda", "cpu,cuda") adds the
+    variants each device needs (see ``TARGETS``) so one package serves both. ``thresholds`` and ``max_tokens`` go to the
     accuracy check (see :func:`gpt2deploy.checking.check_package`). Raises :class:`RegressionError` (and writes
     nothing) when no requested variant survives its gate.
     """
-    wanted = parse_variants(variants)
+    wanted = variants_for_targets(variants, target)
     quantized = [v for v in wanted if v != REFERENCE]
     text = _validate_check_args(text, thresholds, max_tokens) if quantized else None
     out = check_output_dir(out, force)

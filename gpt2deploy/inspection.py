@@ -85,6 +85,8 @@ def describe_package(path: str | os.PathLike) -> dict:
             "opset": v.get("opset"),
             "providers": v.get("providers", []),
             "kv_cache": v.get("kv_cache", "concat"),
+            "requires": v.get("requires"),
+            "runs_here": _runs_here(v),
             "recipe": v.get("recipe", {}),
             "accuracy": None if acc is None else {**summary, "reference": acc.get("reference"), "failures": failures},
             "allowed_regression": bool(v.get("allowed_regression")),
@@ -113,7 +115,27 @@ def describe_package(path: str | os.PathLike) -> dict:
         "libraries": {lib: sorted(vers) for lib, vers in sorted(libraries.items())},
         "build": m.get("build"),
         "auto": auto_selection(m),
+        "runtime": _installed_runtime(),
     }
+
+
+def _installed_runtime() -> str:
+    from .compat import installed_distribution, installed_version
+
+    return f"{installed_distribution()} {installed_version()}"
+
+
+def _runs_here(v: dict) -> str:
+    """ "yes", or why the installed onnxruntime cannot run the variant ("needs onnxruntime >= X ...")."""
+    from .compat import runtime_problem
+
+    return runtime_problem(v) or "yes"
+
+
+def _needs(requires) -> str:
+    """The requirement column: "ort>=1.22", or "-" for packages written before it was recorded."""
+    need = requires.get("onnxruntime") if isinstance(requires, dict) else None
+    return f"ort>={need}" if need else "-"
 
 
 def _parity_summary(parity: dict | None) -> dict | None:
@@ -149,7 +171,7 @@ def format_description(info: dict) -> str:
         f"present ({info['io']['kv_layout']})"
     )
     lines.append("")
-    header = ("variant", "file", "size", "precision", "providers", "kv cache", "gate", "ppl Δ", "top-1")
+    header = ("variant", "file", "size", "precision", "providers", "needs", "kv cache", "gate", "ppl Δ", "top-1")
     rows = [header]
     for name, v in info["variants"].items():
         acc = v["accuracy"]
@@ -165,6 +187,7 @@ def format_description(info: dict) -> str:
                 fmt_size(v["size"]),
                 v["precision"] or "-",
                 providers,
+                _needs(v.get("requires")),
                 "in place" if v["kv_cache"] == "shared" else "concat",
                 gate,
                 fmt_pct(acc and acc["ppl_delta"], signed=True),
@@ -189,6 +212,12 @@ def format_description(info: dict) -> str:
     lines.append(
         "libraries  " + (", ".join(f"{k} {'/'.join(v)}" for k, v in libs.items()) if libs else "(not recorded)")
     )
+    if info.get("runtime"):
+        here = [n for n, v in info["variants"].items() if v.get("runs_here", "yes") == "yes"]
+        lines.append(f"installed  {info['runtime']}: runs {', '.join(here) or 'no variant of this package'}")
+        for n, v in info["variants"].items():
+            if v.get("runs_here", "yes") != "yes":
+                lines.append(f"  {n} {v['runs_here']}")
     for device, pick in info["auto"].items():
         what = pick["variant"] or "none"
         lines.append(f"auto {device:<5} {what}" + (f" ({pick['reason']})" if pick.get("reason") else ""))

@@ -105,10 +105,12 @@ def file_entry(root: str | Path, rel: str) -> dict:
 def variant_entry(
     root: Path, name: str, files: list[str], precision: str, opset: int, recipe: dict, providers: list[str], **extra
 ) -> dict:
-    """A manifest variant entry with file hashes computed from disk."""
+    """A manifest variant entry with file hashes computed from disk and the runtime its graph needs."""
+    from .compat import graph_requires
     from .versions import library_versions
 
     entries = [file_entry(root, f) for f in files]
+    extra.setdefault("requires", graph_requires(Path(root) / files[0]))
     return {
         "file": files[0],
         "files": entries,

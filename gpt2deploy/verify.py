@@ -131,6 +131,10 @@ def _well_formed_variants(manifest: dict) -> tuple[list[str], list[str]]:
                 "rebuild the package"
             )
             continue
+        bad_req = _requires_problem(v.get("requires"))
+        if bad_req:
+            problems.append(f"variant {name}: {bad_req}; rebuild the package")
+            continue
         if v.get("size") != sum(e["size"] for e in v["files"]):
             problems.append(
                 f"variant {name}: recorded size {v.get('size')} is not the sum of its files; rebuild the package"
@@ -206,6 +210,9 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
             why = _mismatch((t["dtype"], t["shape"]), io.optional[t["name"]])
             if why:
                 problems.append(f"{rel}: optional input {t['name']} {why}")
+    understated = _requirement_understated(root / rel, variant.get("requires"))
+    if understated:
+        problems.append(f"{rel}: {understated}; rebuild variant {name}")
     if io.external is not None:
         listed = {e["path"] for e in variant["files"]}
         base = PurePosixPath(rel).parent
@@ -216,6 +223,39 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
                     f"{rel}: graph needs external data {p}, which variant {name} does not list; rebuild the package"
                 )
     return problems
+
+
+def _requires_problem(requires) -> str:
+    """ "" for an absent or well-formed ``requires`` ({"onnxruntime": "1.22"}), else what is wrong with it."""
+    from .compat import version_tuple
+
+    if requires is None:
+        return ""
+    if not isinstance(requires, dict) or not requires:
+        return f'\'requires\' must be an object like {{"onnxruntime": "1.22"}} (got {requires!r:.60})'
+    for runtime, version in requires.items():
+        if not isinstance(version, str) or not version_tuple(version):
+            return f"'requires' {runtime!r} must be a version string like \"1.22\" (got {version!r:.40})"
+    return ""
+
+
+def _requirement_understated(graph: Path, requires) -> str:
+    """ "" when the recorded requirement is at least what the graph needs (onnx reads it), else the gap."""
+    from .compat import version_tuple
+
+    need = requires.get("onnxruntime") if isinstance(requires, dict) else None
+    if need is None:
+        return ""
+    try:
+        import onnx
+
+        from quant.requirements import requirement
+    except ImportError:  # a runtime-only install: the field's form was checked, the graph is not parsed
+        return ""
+    derived = requirement(onnx.load(str(graph), load_external_data=False))["onnxruntime"]
+    if version_tuple(derived) > version_tuple(need):
+        return f"manifest says it needs onnxruntime >= {need} but its graph needs >= {derived}"
+    return ""
 
 
 def _mismatch(want: tuple, have: tuple) -> str | None:

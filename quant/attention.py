@@ -12,8 +12,12 @@ scores is raised to -10000 so it stays finite in float16 (see ``MASK_FILL``).
 
 ``GroupQueryAttention`` (``op=GQA``) also lets the KV cache live in one buffer per tensor that is both
 ``past`` and ``present`` (``kv_cache="shared"`` in the report): its extra inputs (``seqlens_k``,
-``total_sequence_length``) are computed inside the graph from ``attention_mask``, and every other use of
-the past length (the exporter reads it from the past tensors' shape) is rewritten to
+``total_sequence_length``) are computed inside the graph from ``attention_mask``. The node is written in the
+oldest input schema that takes the mask bias (11 inputs, ``attention_bias`` last: ONNX Runtime 1.22), not
+with the later optional inputs (head sink, per-row query lengths), so the same graph loads on every runtime
+from 1.22 on, onnxruntime-gpu and onnxruntime-node included. In that schema a multi-token step with past
+(the chunked prompt step) runs for batch 1 only; the runtime runs a batch's prompt in one step. Every other
+use of the past length (the exporter reads it from the past tensors' shape) is rewritten to
 ``attention_mask`` width - ``input_ids`` width. The graph then still follows the plain contract (past of
 length P, present of length P + S) and also accepts a past buffer of any capacity >= P + S bound to the
 same memory as its present: the new positions are written in place and nothing is copied or
@@ -394,16 +398,15 @@ def _safe_mask_bias(graph: onnx.GraphProto, index: GraphIndex, name: str, cache:
     return out
 
 
-def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
-    """GroupQueryAttention's length inputs, all int32, computed from the shapes of the graph inputs.
+def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str]:
+    """GroupQueryAttention's length inputs, both int32, computed from the shape of ``attention_mask``.
 
     Every row's KV holds the same number of positions (left padding is masked by the bias), so
-    seqlens_k is total - 1 for each row, total_sequence_length is the mask's length and
-    query_seqlens (which lets a batch run multi-token steps with past) is the step length.
+    seqlens_k is total - 1 for each row and total_sequence_length is the mask's length.
     """
     n = lambda s: f"{prefix}_{s}"  # noqa: E731
     if any(n("seqlens_k") in node.output for node in graph.node):
-        return n("seqlens_k"), n("total"), n("query_seqlens")
+        return n("seqlens_k"), n("total")
     have = {i.name for i in graph.initializer}
 
     def const(name, arr):
@@ -422,14 +425,11 @@ def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str, str]:
             [n("batch")],
         ),
         helper.make_node("Expand", [n("last"), n("batch")], [n("seqlens_k")]),
-        helper.make_node("Shape", ["input_ids"], [n("ids_shape")], start=1, end=2),
-        helper.make_node("Cast", [n("ids_shape")], [n("seq32")], to=TensorProto.INT32),
-        helper.make_node("Expand", [n("seq32"), n("batch")], [n("query_seqlens")]),
     ]
     for i, node in enumerate(nodes):
         node.name = f"{prefix}_node{i}"
     insert_nodes(graph, nodes)
-    return n("seqlens_k"), n("total"), n("query_seqlens")
+    return n("seqlens_k"), n("total")
 
 
 def _shape_range(node: onnx.NodeProto) -> tuple[int, int]:
@@ -488,15 +488,16 @@ def _make_attention(
     name: str,
     num_heads: int,
     scale: float,
-    lengths: tuple[str, str, str] | None,
+    lengths: tuple[str, str] | None,
 ) -> onnx.NodeProto:
     """One ``op`` node: each contrib op's input order in one place (GQA also takes ``lengths``)."""
     if op == MHA:
         inputs = [*qkv, "", "", bias, *past]
         extra = {}
     else:
-        seqlens_k, total, query_seqlens = lengths
-        inputs = [*qkv, *past, seqlens_k, total, "", "", "", bias, "", "", "", "", "", query_seqlens]
+        seqlens_k, total = lengths
+        # 0-6 as ever, 7-9 rotary caches and position ids unused, 10 attention_bias: ONNX Runtime 1.22's schema
+        inputs = [*qkv, *past, seqlens_k, total, "", "", "", bias]
         extra = {"kv_num_heads": num_heads}
     return helper.make_node(op, inputs, outputs, name=name, domain=MS_DOMAIN, num_heads=num_heads, scale=scale, **extra)
 

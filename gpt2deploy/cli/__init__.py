@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import (  # noqa: F401
+    adopt,  # noqa: F401
     bench,  # noqa: F401
     build,
     check,  # noqa: F401

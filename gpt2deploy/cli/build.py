@@ -15,12 +15,12 @@ from .progress import CommandProgress
 def build_cmd(
     model: str = typer.Argument(..., help="Local Hugging Face GPT-2 directory, or a hub id such as 'gpt2'."),
     out: Path = typer.Option(..., "-o", "--out", help="Package directory to write."),
-    variants: str = typer.Option(
-        "fp32,int8,int4",
+    variants: str | None = typer.Option(
+        None,
         "--variants",
         help=(
-            "Comma-separated variants: fp32, int8, int4, fp16 (fp16 is for CUDA). fp32 is always built as the "
-            "reference; it is shipped only when listed."
+            "Comma-separated variants: fp32, int8, int4, fp16 (fp16 is for CUDA); default fp32,int8,int4. fp32 is "
+            "always built as the reference; it is shipped only when listed."
         ),
     ),
     text: Path | None = typer.Option(
@@ -41,6 +41,12 @@ def build_cmd(
     ),
     max_tokens: int | None = typer.Option(
         None, "--max-tokens", help="Evaluation tokens for the accuracy check (default: the checker's)."
+    ),
+    target: str | None = typer.Option(
+        None,
+        "--target",
+        help="Devices the package serves: cpu (default: fp32, int8, int4), cuda (adds fp16) or cpu,cuda. "
+        "'gpt2deploy inspect' shows what each device loads.",
     ),
     opset: int | None = typer.Option(None, help="ONNX opset for the export (default 18)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
@@ -64,6 +70,7 @@ def build_cmd(
             force=force,
             opset=opset,
             progress=p.message,
+            target=target,
         )
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     say(f"[build] {timing}")

@@ -160,6 +160,8 @@ class KVStepper:
         chunk = PREFILL_CHUNK if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"prefill chunk must be >= 1 (got {chunk})")
+        if batch > 1 and self.dec.single_row_chunks:
+            chunk = seq  # GroupQueryAttention without per-row query lengths: multi-token steps with past are batch 1
         self.mask[:, :seq] = mask
         self.mask[:, seq:] = 1
         pos = positions_from_mask(mask)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ..compat import load_error, requirement_error, runtime_problem
 from ..errors import PackageError, UsageError, VariantError
 from ..package import Package
 from .generate import Generation, GenerationResult
@@ -56,6 +57,8 @@ def load(
                 "kernel); "
                 "use --device cpu, the fp16 variant, or re-export with --portable"
             )
+        if runtime_problem(entry):
+            raise VariantError(requirement_error(name, entry, pkg.manifest))
         if gate_failed(entry):
             notes.append(
                 f"variant {name} failed its accuracy gate (see 'gpt2deploy inspect'); its output may differ from fp32"
@@ -83,6 +86,9 @@ def load(
         raise
     except Exception as e:  # onnxruntime's own exception types (invalid graph, provider failure)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        lacking = load_error(name, str(e), pkg.manifest)
+        if lacking:
+            raise VariantError(lacking) from None
         raise PackageError(
             f"ONNX Runtime cannot load variant {name} ({pkg.variant(name)['file']}): {first}; run 'gpt2deploy "
             "verify' or rebuild the package"

@@ -10,6 +10,7 @@ CUDA: fp16 when present and not failed, else fp32 (then int4, int8 as a last res
 
 from __future__ import annotations
 
+from ..compat import runtime_problem
 from ..errors import VariantError
 
 CPU_PREFERENCE = ("int4", "int8", "fp32")
@@ -43,6 +44,10 @@ def select_variant(manifest: dict, device: str) -> tuple[str, str]:
         if not _runs_on(entry, device):
             skipped.append(f"{name} is not built for {device}")
             continue
+        problem = runtime_problem(entry)
+        if problem:
+            skipped.append(f"{name} {problem}")
+            continue
         if device == "cuda":
             why = (
                 "fp16 is the CUDA variant"
@@ -64,6 +69,8 @@ def select_variant(manifest: dict, device: str) -> tuple[str, str]:
             "add a CUDA variant with 'gpt2deploy quantize PACKAGE --mode fp16' (or --mode int4 --attention mha), or "
             "use --device cpu"
         )
+    elif any("needs onnxruntime" in s for s in skipped):
+        hint = "upgrade onnxruntime (pip install -U onnxruntime) or rebuild the package with this gpt2deploy"
     else:
         hint = "rebuild the package or pass --variant"
     raise VariantError(f"no variant usable on {device} in this package (present: {present}){why}; {hint}")

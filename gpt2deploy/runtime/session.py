@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compat import required_version, version_tuple
 from ..errors import UsageError
 from ..manifest import LOGITS_TO_KEEP, optional_input_names, past_name, present_name
 from ..package import Package
@@ -41,6 +42,10 @@ class DecoderSession:
         self.present_names = [present_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
         self.kv_shared = package.variant(variant).get("kv_cache") == "shared"
+        #: GroupQueryAttention in the portable (1.22) input schema runs a multi-token step with past for batch 1
+        #: only; graphs written with per-row query lengths (onnxruntime >= 1.32) run it for any batch.
+        need = required_version(package.variant(variant)) or "0"
+        self.single_row_chunks = self.kv_shared and version_tuple(need) < (1, 32)
         contract = package.variant(variant).get("io") or package.manifest.get("io") or {}
         #: The graph projects only the last N positions when fed ``logits_to_keep`` (see exporters.logits_to_keep).
         self.keeps_logits = LOGITS_TO_KEEP in optional_input_names(contract)
