@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .errors import PackageError
 from .fsutil import sha256_file, write_json_atomic
+from .schema import KV_CACHE_MODES  # noqa: F401  (re-exported)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -35,7 +36,7 @@ VARIANT_FILES = {
 #: returns present [batch, heads, P + S, head_dim], the plain contract. "shared" graphs follow that
 #: contract too and also accept one buffer [batch, heads, capacity, head_dim] bound as both past and
 #: present: the valid length is the attention_mask width, and the new keys/values are written in place.
-KV_CACHE_MODES = ("concat", "shared")
+#: (defined with the validator in ``schema``)
 
 
 def providers_for_graph(providers: list[str], fused: dict) -> list[str]:

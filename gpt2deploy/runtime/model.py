@@ -5,19 +5,21 @@ Only onnxruntime, numpy and tokenizers are imported here (never torch, transform
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ..bounds import check_bool, check_text, check_threads
 from ..errors import PackageError, UsageError, VariantError
 from ..package import Package
 from .generate import Generation, GenerationResult
 from .kvcache import KVStepper
 from .options import GenerationOptions, build_options
 from .providers import resolve_device
-from .select import gate_failed, select_variant
+from .select import select_variant
 from .session import DecoderSession
 from .textstream import IncrementalText, StopMatcher, TokenBytes
 
@@ -39,30 +41,39 @@ def load(
     ``threads`` sets ONNX Runtime's intra-op threads; ``verify`` checks the sha256 of the shared files and of
     the chosen variant first and refuses to load on a mismatch (IntegrityError).
     """
-    pkg = Package.open(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"path must be a package directory (str or os.PathLike; got {type(path).__name__})")
+    if variant is not None and not isinstance(variant, str):
+        raise UsageError(f"variant must be a variant name or None (got {type(variant).__name__})")
+    if not isinstance(device, str):
+        raise UsageError(f"device must be one of 'auto', 'cpu', 'cuda' (got {type(device).__name__})")
+    threads = check_threads(threads)
+    check_bool(verify, "verify")
+    pkg = Package.open(path)  # the manifest is validated here, before anything else is read
     dev = resolve_device(device)
     notes: list[str] = []
     if variant is None:
         name, reason = select_variant(pkg.manifest, dev)
+        spec = pkg.variant_spec(name)
     else:
-        entry = pkg.variant(variant)
+        spec = pkg.variant_spec(variant)
         name, reason = variant, "requested"
         if dev == "cpu" and name == "fp16":
             notes.append("fp16 runs slower than fp32 on the CPU execution provider; it is meant for CUDA")
             warnings.warn(notes[-1], PerformanceWarning, stacklevel=2)
-        if dev == "cuda" and entry.get("providers") and "CUDAExecutionProvider" not in entry["providers"]:
+        if dev == "cuda" and not spec.runs_on("CUDAExecutionProvider"):
             raise VariantError(
-                f"variant {name} is built for {', '.join(entry['providers'])} only (its fused attention has no CUDA "
+                f"variant {name} is built for {', '.join(spec.providers)} only (its fused attention has no CUDA "
                 "kernel); "
                 "use --device cpu, the fp16 variant, or re-export with --portable"
             )
-        if gate_failed(entry):
+        if spec.gate_failed:
             notes.append(
                 f"variant {name} failed its accuracy gate (see 'gpt2deploy inspect'); its output may differ from fp32"
             )
             warnings.warn(notes[-1], AccuracyWarning, stacklevel=2)
     if verify:
-        pkg.check_integrity([name])
+        pkg.check_integrity([name])  # spec.graph is one of the variant's files: the graph run is the one hashed
     if not pkg.tokenizer_path.is_file():
         raise PackageError(f"package {pkg.root} has no tokenizer.json; rebuild it with 'gpt2deploy export' or 'build'")
     from tokenizers import Tokenizer
@@ -73,19 +84,17 @@ def load(
         raise PackageError(
             f"{pkg.tokenizer_path} cannot be read ({str(e).splitlines()[0][:120]}); rebuild the package"
         ) from None
-    if not pkg.variant_path(name).is_file():
-        raise VariantError(
-            f"variant {name}'s graph {pkg.variant(name)['file']} is missing from {pkg.root}; rebuild the package"
-        )
+    if not spec.graph.is_file():
+        raise VariantError(f"variant {name}'s graph {spec.file} is missing from {pkg.root}; rebuild the package")
     try:
-        session = DecoderSession(pkg, name, dev, threads)
+        session = DecoderSession(pkg, spec, dev, threads)
     except UsageError:
         raise
     except Exception as e:  # onnxruntime's own exception types (invalid graph, provider failure)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise PackageError(
-            f"ONNX Runtime cannot load variant {name} ({pkg.variant(name)['file']}): {first}; run 'gpt2deploy "
-            "verify' or rebuild the package"
+            f"ONNX Runtime cannot load variant {name} ({spec.file}): {first}; run 'gpt2deploy verify' or rebuild "
+            "the package"
         ) from None
     return Model(pkg, session, tokenizer, reason, notes)
 
@@ -112,9 +121,7 @@ class Model:
 
     # -- text <-> ids -----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise UsageError(f"a prompt must be a string (got {type(text).__name__})")
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(check_text(text, "prompt")).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         from .textstream import decode
@@ -125,7 +132,7 @@ class Model:
         """The effective options: the package's generation defaults overridden by ``opts`` (validated)."""
         defaults = self.package.generation_defaults
         defaults.setdefault("eos_token_id", self.dims.eos_token_id)
-        return build_options(defaults, opts)
+        return build_options(defaults, opts, vocab_size=self.dims.vocab_size)
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, prompt_or_prompts: str | Sequence[str], **opts) -> str | list[str]:
@@ -140,7 +147,14 @@ class Model:
 
     def generate_result(self, prompt_or_prompts: str | Sequence[str], **opts) -> GenerationResult:
         """Like ``generate`` but returns the full result: texts, token ids, finish reasons, timings."""
-        prompts = [prompt_or_prompts] if isinstance(prompt_or_prompts, str) else list(prompt_or_prompts)
+        if isinstance(prompt_or_prompts, str):
+            prompts = [prompt_or_prompts]
+        elif isinstance(prompt_or_prompts, (list, tuple)):
+            prompts = list(prompt_or_prompts)
+        else:
+            raise UsageError(
+                f"prompt_or_prompts must be a string or a list of strings (got {type(prompt_or_prompts).__name__})"
+            )
         if not prompts:
             raise UsageError("no prompts given; pass a string or a non-empty list of strings")
         for p in prompts:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..bounds import check_threads
 from ..errors import UsageError
-from ..manifest import LOGITS_TO_KEEP, optional_input_names, past_name, present_name
+from ..manifest import LOGITS_TO_KEEP, past_name, present_name
 from ..package import Package
+from ..schema import Variant
 from .memory import advise_mapped_weights, trim_heap
 from .providers import providers_for, resolve_device
 
@@ -18,16 +20,19 @@ from .providers import providers_for, resolve_device
 class DecoderSession:
     """``DecoderSession(package, variant, device, threads).forward(ids, mask, pos, past) -> (logits, present)``."""
 
-    def __init__(self, package: Package, variant: str = "fp32", device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self, package: Package, variant: str | Variant = "fp32", device: str = "cpu", threads: int | None = None
+    ):
         import onnxruntime as ort
 
-        if threads is not None and threads < 1:
-            raise UsageError(f"threads must be >= 1 (got {threads})")
+        threads = check_threads(threads)
+        spec = variant if isinstance(variant, Variant) else package.variant_spec(variant)
         self.package = package
-        self.variant = variant
+        self.spec = spec
+        self.variant = spec.name
         self.device = resolve_device(device)
         self.dims = package.dims
-        path = package.variant_path(variant)
+        path = spec.graph  # validated: inside the package and among the variant's hashed files
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -40,18 +45,15 @@ class DecoderSession:
         self.past_names = [past_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.present_names = [present_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
-        self.kv_shared = package.variant(variant).get("kv_cache") == "shared"
-        contract = package.variant(variant).get("io") or package.manifest.get("io") or {}
+        self.kv_shared = spec.kv_shared
         #: The graph projects only the last N positions when fed ``logits_to_keep`` (see exporters.logits_to_keep).
-        self.keeps_logits = LOGITS_TO_KEEP in optional_input_names(contract)
+        self.keeps_logits = LOGITS_TO_KEEP in spec.optional_inputs
 
     def _settle_memory(self, graph_path) -> dict:
         """After the load on the CPU: sparse mapped weights and a trimmed heap (see ``memory``)."""
         if self.device != "cpu":
             return {"mappings": 0, "mapped_bytes": 0, "files": [], "heap_trimmed": False}
-        root = self.package.root
-        files = [root / e["path"] for e in self.package.variant(self.variant).get("files", [])]
-        report = advise_mapped_weights([f for f in files if f.resolve() != graph_path.resolve()])
+        report = advise_mapped_weights(self.spec.data_files)
         report["heap_trimmed"] = trim_heap()
         return report
 
