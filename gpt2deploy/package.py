@@ -91,7 +91,7 @@ class Package:
             p = self.root / rel
             try:
                 real = p.resolve()
-            except OSError:
+            except (OSError, RuntimeError):
                 problems.append(f"{rel}: cannot be resolved")
                 continue
             if root not in real.parents:
@@ -111,6 +111,22 @@ class Package:
         if cache is not None:
             cache.save()
         return problems
+
+    def contained(self, variant: str) -> None:
+        """IntegrityError unless every file of ``variant`` resolves inside the package (symlinks followed).
+
+        ``load(verify=False)`` runs this instead of the full check: no hashes, but never a file from elsewhere."""
+        root = self.root.resolve()
+        for entry in self.variant_spec(variant).files:
+            try:
+                real = entry.local.resolve()
+            except (OSError, RuntimeError):
+                real = None
+            if real is None or (root not in real.parents):
+                raise IntegrityError(
+                    f"package {self.root}: {entry.path} points outside the package ({real}); "
+                    "packages must be self-contained, copy the file in"
+                )
 
     def check_integrity(self, variants: Iterable[str] | None = None) -> None:
         problems = self.integrity_problems(variants, remembered=True)

@@ -141,12 +141,12 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A hashed file: ``path`` relative to the package (POSIX), ``real`` where it is on disk (inside it)."""
+    """A hashed file: ``path`` relative to the package (POSIX), ``local`` that path under the package root."""
 
     path: str
     sha256: str
     size: int
-    real: Path
+    local: Path
 
     def as_dict(self) -> dict:
         return {"path": self.path, "sha256": self.sha256, "size": self.size}
@@ -154,7 +154,7 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Variant:
-    """One validated variant. ``graph`` is its graph file on disk, one of ``files`` (all hashed)."""
+    """One validated variant. ``graph`` is its graph file (root / ``file``), one of ``files`` (all hashed)."""
 
     name: str
     file: str
@@ -183,7 +183,7 @@ class Variant:
     @property
     def data_files(self) -> list[Path]:
         """The variant's files other than its graph (external weights)."""
-        return [e.real for e in self.files if e.path != self.file]
+        return [e.local for e in self.files if e.path != self.file]
 
     def runs_on(self, provider: str) -> bool:
         return not self.providers or provider in self.providers
@@ -214,32 +214,35 @@ def parse_dims(model) -> ModelDims:
     return ModelDims(**values)
 
 
-def safe_relpath(rel, key: str, root: Path, real_root: Path) -> Path:
-    """``root / rel`` for a relative POSIX path that stays inside the package, symlinks resolved."""
+def safe_relpath(rel, key: str, root: Path) -> Path:
+    """``root / rel`` for a relative POSIX path that names a file inside the package.
+
+    This is the manifest's side; where a symlink on disk leads is checked when files are used
+    (``Package.integrity_problems``, ``Package.contained``)."""
     rel = _str(rel, key, max_len=1024)
-    if not rel or "\x00" in rel or "\\" in rel or PureWindowsPath(rel).drive:
+    if not rel or "\x00" in rel or "\\" in rel or PureWindowsPath(rel).drive or not rel.isprintable():
         _fail(key, f"{_short(rel)} is not a relative POSIX path inside the package")
     p = PurePosixPath(rel)
     if p.is_absolute() or ".." in p.parts:
         _fail(key, f"{_short(rel)} points outside the package; packages must be self-contained")
-    path = root / rel
-    try:
-        real = path.resolve()
-    except (OSError, RuntimeError):  # symlink loops
-        _fail(key, f"{_short(rel)} cannot be resolved (symlink loop?)")
-    if real != real_root and real_root not in real.parents:
-        _fail(key, f"{_short(rel)} points outside the package ({real}); packages must be self-contained")
-    return real
+    if p.name in ("", "."):
+        _fail(key, f"{_short(rel)} names no file")
+    return root / rel
 
 
-def _entry(e, key: str, root: Path, real_root: Path) -> FileEntry:
+def _keyname(k) -> str:
+    k = str(k)
+    return k if len(k) <= 64 and k.isprintable() else _short(k)
+
+
+def _entry(e, key: str, root: Path) -> FileEntry:
     e = _obj(e, key)
-    real = safe_relpath(e.get("path"), f"{key}.path", root, real_root)
+    local = safe_relpath(e.get("path"), f"{key}.path", root)
     sha = _str(e.get("sha256"), f"{key}.sha256")
     if not _SHA256.match(sha):
         _fail(f"{key}.sha256", "must be 64 lowercase hex digits")
     size = _int(e.get("size"), f"{key}.size", 0, MAX_FILE_SIZE)
-    return FileEntry(e["path"], sha, size, real)
+    return FileEntry(e["path"], sha, size, local)
 
 
 def _tensor_list(value, key: str, required: bool) -> list:
@@ -295,17 +298,15 @@ def _accuracy(acc, key: str) -> dict | None:
     return acc
 
 
-def parse_variant(name, v, key: str, root: Path, real_root: Path, io: dict) -> Variant:
+def parse_variant(name, v, key: str, root: Path, io: dict) -> Variant:
     if not _NAME.match(name):
         _fail(key, "has a bad variant name (letters, digits, '_', '.', '-')")
     v = _obj(v, key)
-    files = tuple(
-        _entry(e, f"{key}.files[{i}]", root, real_root) for i, e in enumerate(_list(v.get("files"), f"{key}.files"))
-    )
+    files = tuple(_entry(e, f"{key}.files[{i}]", root) for i, e in enumerate(_list(v.get("files"), f"{key}.files")))
     if not files:
         _fail(f"{key}.files", "is empty; a variant lists its graph and weight files")
     file = _str(v.get("file"), f"{key}.file", max_len=1024)
-    graph = safe_relpath(file, f"{key}.file", root, real_root)
+    graph = safe_relpath(file, f"{key}.file", root)
     if file not in {e.path for e in files}:
         _fail(f"{key}.file", f"{_short(file)} is not among {key}.files, so its sha256 is not checked")
     size = _int(v.get("size"), f"{key}.size", 0, MAX_FILE_SIZE, required=False)
@@ -391,20 +392,16 @@ def parse_manifest(data: dict, root: str | Path, collect: bool = False) -> Packa
     """
     root = Path(root).absolute()
     try:
-        real_root = root.resolve()
-    except (OSError, RuntimeError):
-        raise PackageError(f"package path {root} cannot be resolved") from None
-    try:
         dims = parse_dims(data.get("model"))
         io = parse_io(data.get("io"), "io")
         files_obj = _obj(data.get("files"), "files")
-        files = tuple(_entry(e, f"files.{_short(k)}", root, real_root) for k, e in files_obj.items())
+        files = tuple(_entry(e, f"files.{_keyname(k)}", root) for k, e in files_obj.items())
         generation = parse_generation(data.get("generation"), dims.vocab_size)
         _general(data)
         variants, problems = {}, []
         for name, v in _obj(data.get("variants"), "variants").items():
             try:
-                variants[name] = parse_variant(name, v, f"variants.{name}", root, real_root, io)
+                variants[name] = parse_variant(name, v, f"variants.{_keyname(name)}", root, io)
             except SchemaError as e:
                 if not collect:
                     raise

@@ -74,6 +74,8 @@ def load(
             warnings.warn(notes[-1], AccuracyWarning, stacklevel=2)
     if verify:
         pkg.check_integrity([name])  # spec.graph is one of the variant's files: the graph run is the one hashed
+    else:
+        pkg.contained(name)
     if not pkg.tokenizer_path.is_file():
         raise PackageError(f"package {pkg.root} has no tokenizer.json; rebuild it with 'gpt2deploy export' or 'build'")
     from tokenizers import Tokenizer
