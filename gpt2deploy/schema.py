@@ -352,7 +352,7 @@ def parse_generation(gen, vocab_size: int) -> dict:
     _int(gen.get("max_new_tokens"), k + "max_new_tokens", 1, 1 << 20, required=False)
     _int(gen.get("max_length"), k + "max_length", 1, 1 << 20, required=False)
     _bool(gen.get("do_sample"), k + "do_sample")
-    _num(gen.get("temperature"), k + "temperature", 0.0, 1e6, required=False, open_lo=True)
+    _num(gen.get("temperature"), k + "temperature", 0.0, 1e6, required=False)  # > 0 is checked when sampling
     _int(gen.get("top_k"), k + "top_k", 0, 1 << 22, required=False)
     _num(gen.get("top_p"), k + "top_p", 0.0, 1.0, required=False, open_lo=True)
     _num(gen.get("repetition_penalty"), k + "repetition_penalty", 0.0, 1e6, required=False, open_lo=True)

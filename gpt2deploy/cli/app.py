@@ -16,6 +16,8 @@ class _OneLineErrors(TyperGroup):
     """Click's usage errors (unknown option, bad value) as one ``error:`` line and a hint to --help, exit 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        global _reported
+        _reported = False
         prog_name = prog_name or "gpt2deploy"
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -35,6 +37,8 @@ class _OneLineErrors(TyperGroup):
         except typer.Abort:
             typer.echo("error: aborted", err=True)
             sys.exit(1)
+        if rc == 130 and not _reported:  # Typer turns Ctrl-C outside a command body into a silent exit 130
+            typer.echo("error: interrupted; nothing was written", err=True)
         sys.exit(rc if isinstance(rc, int) else 0)
 
 
@@ -57,7 +61,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (Gpt2DeployError, ExportError, QuantError)
 
 
+_reported = False  # an ``error:`` line was printed by ``fail``
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
+    global _reported
+    _reported = True
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 

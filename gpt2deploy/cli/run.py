@@ -30,9 +30,7 @@ def _read_prompt(prompt: str) -> str:
     if isinstance(data, bytes):
         text, replaced = decode_input(data)
         if replaced:
-            say(
-                f"warning: the prompt on stdin is not valid UTF-8; {replaced} invalid byte sequence(s) replaced by U+FFFD"
-            )
+            say(f"warning: the prompt on stdin is not valid UTF-8; {replaced} invalid sequence(s) replaced by U+FFFD")
     else:
         text = data
     text = text.encode("utf-8", "replace").decode("utf-8") if text else text

@@ -5,6 +5,7 @@ Only onnxruntime, numpy and tokenizers are imported here (never torch, transform
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from ..bounds import check_bool, check_text, check_threads
-from ..errors import PackageError, UsageError, VariantError
+from ..errors import GenerationError, Gpt2DeployError, PackageError, UsageError, VariantError
 from ..package import Package
 from .generate import Generation, GenerationResult
 from .kvcache import KVStepper
@@ -90,7 +91,7 @@ def load(
         raise VariantError(f"variant {name}'s graph {spec.file} is missing from {pkg.root}; rebuild the package")
     try:
         session = DecoderSession(pkg, spec, dev, threads)
-    except UsageError:
+    except Gpt2DeployError:
         raise
     except Exception as e:  # onnxruntime's own exception types (invalid graph, provider failure)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -165,7 +166,7 @@ class Model:
         o = self.options(**opts)
         gen = self._generation([self.encode(p) for p in prompts], o)
         texts = _TextRows(self, gen, o)
-        with self._stepper_for(gen) as stepper:
+        with self._stepper_for(gen) as stepper, _runtime_errors(self):
             gen.stepper = stepper
             for nxt, took in gen:
                 texts.update(nxt, took)
@@ -195,7 +196,7 @@ class Model:
         if o.stop:
             raise UsageError("stop strings apply to text; use generate or stream (or eos_token_id for token ids)")
         gen = self._generation(rows, o)
-        with self._stepper_for(gen) as stepper:
+        with self._stepper_for(gen) as stepper, _runtime_errors(self):
             gen.stepper = stepper
             for _ in gen:
                 pass
@@ -306,7 +307,7 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         gen = self.gen
         texts = _TextRows(self.model, gen, self.opts)
-        with self.model._stepper_for(gen) as stepper:
+        with self.model._stepper_for(gen) as stepper, _runtime_errors(self.model):
             gen.stepper = stepper
             for nxt, took in gen:
                 if self._cancel.is_set():  # set during this step: keep its token, flush, run no further step
@@ -325,6 +326,21 @@ class TextStream:
     @property
     def text(self) -> str | None:
         return None if self.result is None else self.result.texts[0]
+
+
+@contextlib.contextmanager
+def _runtime_errors(model: Model):
+    """ONNX Runtime failing mid-generation (a graph the manifest misdescribes) as one GenerationError line."""
+    try:
+        yield
+    except Exception as e:  # onnxruntime's own types, or the RuntimeError its IO-binding run raises
+        if not (type(e).__module__.startswith("onnxruntime") or type(e) is RuntimeError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise GenerationError(
+            f"ONNX Runtime failed running variant {model.variant} of {model.package.root}: {first}; "
+            "run 'gpt2deploy verify' on the package or rebuild it"
+        ) from None
 
 
 def _as_rows(ids_list) -> list[list[int]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..bounds import check_threads
-from ..errors import UsageError
+from ..errors import PackageError, UsageError
 from ..manifest import LOGITS_TO_KEEP, past_name, present_name
 from ..package import Package
 from ..schema import Variant
@@ -45,9 +45,39 @@ class DecoderSession:
         self.past_names = [past_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.present_names = [present_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
+        self._check_graph(spec.file)
         self.kv_shared = spec.kv_shared
         #: The graph projects only the last N positions when fed ``logits_to_keep`` (see exporters.logits_to_keep).
         self.keeps_logits = LOGITS_TO_KEEP in spec.optional_inputs
+
+    def _check_graph(self, rel: str) -> None:
+        """The graph's inputs and outputs against the manifest's dims (layers, heads, head dim, vocabulary)."""
+        d = self.dims
+        have = {a.name: a.shape for a in self.session.get_inputs()}
+        outputs = {a.name: a.shape for a in self.session.get_outputs()}
+        want = ["input_ids", "attention_mask", "position_ids", *self.past_names]
+        missing = [n for n in want if n not in have]
+        extra = sorted(n for n in have if n.startswith("past_key_values.") and n not in self.past_names)
+        why = None
+        if missing or extra:
+            n = (missing or extra)[0]
+            why = f"{'lacks' if missing else 'has'} input {n}, which model.n_layer {d.n_layer} does not imply"
+        elif "logits" not in outputs or any(n not in outputs for n in self.present_names):
+            why = "lacks the logits or present outputs the manifest's model dims imply"
+        else:
+            past = have[self.past_names[0]] if self.past_names else None
+            logits = outputs["logits"]
+            if past and len(past) == 4 and isinstance(past[1], int) and past[1] != d.n_head:
+                why = f"has {past[1]} heads in its KV cache, model.n_head says {d.n_head}"
+            elif past and len(past) == 4 and isinstance(past[3], int) and past[3] != d.head_dim:
+                why = f"has head size {past[3]} in its KV cache, model.head_dim says {d.head_dim}"
+            elif logits and isinstance(logits[-1], int) and logits[-1] != d.vocab_size:
+                why = f"has {logits[-1]} logits per position, model.vocab_size says {d.vocab_size}"
+        if why:
+            raise PackageError(
+                f"variant {self.variant}'s graph {rel} {why}; the manifest does not describe this graph, "
+                "run 'gpt2deploy verify' or rebuild the package"
+            )
 
     def _settle_memory(self, graph_path) -> dict:
         """After the load on the CPU: sparse mapped weights and a trimmed heap (see ``memory``)."""
