@@ -355,3 +355,15 @@ def test_read_only_package_refused_before_quantize(package_copy, cli, monkeypatc
     _one_error(cli("quantize", package_copy, "--mode", "int8"), 2, "Read-only file system", "work on a copy")
     assert time.monotonic() - t0 < 10 and (package_copy / "manifest.json").read_bytes() == before
     assert not (package_copy / "onnx" / "model_int8.onnx").exists()
+
+
+# -- 6. the accuracy gate says which CPU kind measured it --------------------------------------------
+def test_accuracy_records_the_cpu_kind(built_package, cli):
+    from gpt2deploy.cpuinfo import cpu_kind
+
+    acc = Package.open(built_package).variant("int8")["accuracy"]
+    assert acc["measured_on"] == cpu_kind() and acc["measured_on"]["kind"] in ("vnni", "avx512", "avx2", "arm") + (
+        acc["measured_on"]["arch"],
+    )
+    r = cli("inspect", built_package, "--json")
+    assert json.loads(r.stdout)["variants"]["int8"]["accuracy"]["measured_on"] == acc["measured_on"]

@@ -29,10 +29,10 @@ class _OneLineErrors(TyperGroup):
         except _clickx.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "gpt2deploy"
             message = " ".join(e.format_message().split()).rstrip(".")
-            typer.echo(f"error: {message}; see '{where} --help'", err=True)
+            typer.echo(_printable(f"error: {message}; see '{where} --help'"), err=True)
             sys.exit(2)
         except _clickx.ClickException as e:
-            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            typer.echo(_printable(f"error: {' '.join(e.format_message().split())}"), err=True)
             sys.exit(e.exit_code)
         except typer.Abort:
             typer.echo("error: aborted", err=True)
@@ -67,7 +67,7 @@ _reported = False  # an ``error:`` line was printed by ``fail``
 def fail(message: str, code: int = 2) -> typer.Exit:
     global _reported
     _reported = True
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {_printable(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -131,7 +131,12 @@ def output_file(path, flag: str, suffix: str | None = None, allow_stdout: bool =
 
 def say(message: str) -> None:
     """Progress and summaries go to stderr so stdout stays for results (text, JSON)."""
-    typer.echo(message, err=True)
+    typer.echo(_printable(message), err=True)
+
+
+def _printable(message: str) -> str:
+    """Lone surrogates (from undecodable paths or arguments) as escapes: any stream can write the result."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def stdout_is_tty() -> bool:
