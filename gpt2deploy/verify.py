@@ -202,9 +202,8 @@ def _dims_problems(rel: str, io: GraphIO, dims) -> list[str]:
                 out.append(f"{rel}: graph's KV cache has {key} {have}, manifest's model.{key} says {want}")
     logits = io.outputs.get("logits")
     if logits and logits[1] and isinstance(logits[1][-1], int) and logits[1][-1] != dims.vocab_size:
-        out.append(
-            f"{rel}: graph's logits have {logits[1][-1]} entries, the manifest's model.vocab_size says {dims.vocab_size}"
-        )
+        have = logits[1][-1]
+        out.append(f"{rel}: graph's logits have {have} entries, manifest's model.vocab_size says {dims.vocab_size}")
     if io.positions is not None and io.positions < dims.n_positions:
         out.append(
             f"{rel}: graph's position table has {io.positions} rows, manifest's model.n_positions says "

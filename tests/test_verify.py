@@ -185,7 +185,10 @@ def test_external_data_must_be_listed(built_copy, cli):
 def test_malformed_variant_entry(built_copy, cli):
     _edit_manifest(built_copy, lambda m: m["variants"]["int8"].pop("files"))
     lines = _fails(cli("verify", built_copy))
-    assert "FAIL manifest.json: key variants.int8.files must be an array (got null); rebuild the package with 'gpt2deploy build' (or 'gpt2deploy export')" in lines
+    assert (
+        "FAIL manifest.json: key variants.int8.files must be an array (got null); "
+        "rebuild the package with 'gpt2deploy build' (or 'gpt2deploy export')"
+    ) in lines
     assert (
         "FAIL onnx/model_int8.onnx: ONNX file not listed in the manifest; remove it or rebuild the package" not in lines
     )
