@@ -245,16 +245,25 @@ def _entry(e, key: str, root: Path) -> FileEntry:
     return FileEntry(e["path"], sha, size, local)
 
 
+#: Element types a graph input or output may have (what ONNX Runtime and Triton both name).
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
+_TENSOR_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,256}$")
+_DIM_NAME = re.compile(r"^[A-Za-z0-9_.+ -]{1,128}$")
+
+
 def _tensor_list(value, key: str, required: bool) -> list:
     items = _list(value, key, required=required, max_len=8192) or []
     for i, t in enumerate(items):
         k = f"{key}[{i}]"
         t = _obj(t, k)
-        _str(t.get("name"), f"{k}.name", max_len=256)
-        _str(t.get("dtype"), f"{k}.dtype", max_len=32)
+        if not _TENSOR_NAME.match(_str(t.get("name"), f"{k}.name", max_len=256)):
+            _fail(f"{k}.name", f"{_short(t['name'])} is not a tensor name (letters, digits, '_', '.', ':', '/', '-')")
+        if _str(t.get("dtype"), f"{k}.dtype", max_len=32) not in DTYPES:
+            _fail(f"{k}.dtype", f"is {_short(t['dtype'])}, not one of {', '.join(DTYPES)}")
         for j, d in enumerate(_list(t.get("shape"), f"{k}.shape", max_len=16)):
-            if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < 0):
-                _fail(f"{k}.shape[{j}]", f"must be a non-negative integer or a name (got {_short(d)})")
+            ok = isinstance(d, str) and _DIM_NAME.match(d) or (type(d) is int and 0 <= d <= 1 << 31)
+            if not ok:
+                _fail(f"{k}.shape[{j}]", f"must be a non-negative integer or an axis name (got {_short(d)})")
     return items
 
 
