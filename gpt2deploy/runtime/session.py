@@ -38,7 +38,7 @@ class DecoderSession:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # failures surface as exceptions, turned into one error line each
         self.session = ort.InferenceSession(str(path), opts, providers=providers_for(self.device))
         self.memory = self._settle_memory(path)
         d = self.dims
