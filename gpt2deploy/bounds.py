@@ -38,7 +38,8 @@ def check_threads(threads, name: str = "threads") -> int | None:
     cap = max_threads()
     if not 1 <= threads <= cap:
         raise UsageError(
-            f"{name} must be in 1..{cap} on this machine ({cpu_count()} CPUs; got {threads}); omit it to use every core"
+            f"{name} must be >= 1 and <= {cap} on this machine ({cpu_count()} CPUs; got {threads}); "
+            "omit it to use every core"
         )
     return threads
 

@@ -262,7 +262,7 @@ def test_api_arguments_are_type_checked(built_package, args, kwargs, needle):
     [
         ({"path": None}, "path must be a package directory"),
         ({"threads": "2"}, "threads must be an integer"),
-        ({"threads": 0}, "threads must be in 1.."),
+        ({"threads": 0}, "threads must be >= 1 and <= "),
         ({"variant": 8}, "variant must be a variant name"),
         ({"device": None}, "device must be one of"),
         ({"verify": "yes"}, "verify must be True or False"),
