@@ -191,7 +191,7 @@ def _mutated_copy(built_package: Path, base: dict, edits) -> tuple[Path, dict]:
     return dst, manifest
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_fuzz_manifest(built_package, base_manifest, monkeypatch, capsys):
     """Random edits of manifest keys; inspect, verify and a verified run (plus one of bench, triton, check)."""
     paths = _key_paths(base_manifest)
@@ -230,7 +230,7 @@ def test_fuzz_manifest(built_package, base_manifest, monkeypatch, capsys):
 
 
 # -- targeted dims: values that disagree with the graph ---------------------------------------------
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_fuzz_dims(built_package, base_manifest, capsys):
     stats = Stats("dims")
     dims = st.sampled_from(["n_layer", "n_head", "head_dim", "hidden_size", "vocab_size", "n_positions"])
@@ -260,7 +260,7 @@ def test_fuzz_dims(built_package, base_manifest, capsys):
 FILE_OPS = ["truncate", "append", "delete", "swap_graph", "symlink_out", "empty", "garbage"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_fuzz_files(built_package, base_manifest, monkeypatch, capsys):
     stats = Stats("files")
     opened = Opened(monkeypatch)
@@ -336,7 +336,7 @@ RUN_OPTIONS = [
 TEXT = st.one_of(st.text(max_size=30), st.sampled_from(["a\ud800b", "\udcff", "\x00", "-", "--help-me", "é" * 5]))
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_fuzz_run_arguments(built_package, capsys):
     stats = Stats("run arguments")
     option = st.tuples(st.sampled_from(RUN_OPTIONS), st.one_of(NUMBERS, TEXT))
@@ -367,7 +367,7 @@ def test_fuzz_run_arguments(built_package, capsys):
     assert stats.tracebacks == 0 and stats.hangs == 0
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_fuzz_other_commands_arguments(built_package, tmp_path, capsys):
     stats = Stats("bench/triton/verify/inspect/quantize arguments")
     commands = st.sampled_from(["bench", "triton", "verify", "inspect", "quantize", "export", "check"])
