@@ -127,6 +127,7 @@ def locate(model: str | os.PathLike) -> Checkpoint:
             f"{source} is a '{model_type}' model; gpt2deploy supports model_type '{SUPPORTED_MODEL_TYPE}' "
             "(GPT2LMHeadModel: gpt2, distilgpt2, gpt2-medium/large/xl and their fine-tunes)"
         )
+    check_config(config, cfg_path)
     archs = config.get("architectures") or ["GPT2LMHeadModel"]
     if "GPT2LMHeadModel" not in archs:
         raise CheckpointError(f"{source} has architectures {archs}; gpt2deploy exports GPT2LMHeadModel checkpoints")
@@ -151,6 +152,31 @@ def locate(model: str | os.PathLike) -> Checkpoint:
     else:
         files = [first]
     return Checkpoint(source=source, path=path, config=config, weight_files=files)
+
+
+#: GPT2Config keys, their defaults (as transformers applies them) and the largest value accepted.
+_CONFIG_DIMS = {
+    "n_layer": (12, 1024),
+    "n_head": (12, 1024),
+    "n_embd": (768, 1 << 17),
+    "n_positions": (1024, 1 << 20),
+    "vocab_size": (50257, 1 << 22),
+}
+
+
+def check_config(config: dict, cfg_path: Path) -> None:
+    """A config whose dims cannot describe a GPT-2 (zero, negative, n_head not dividing n_embd) is refused
+    here, by name, rather than failing later as if the weights were damaged."""
+    dims = {}
+    for key, (default, hi) in _CONFIG_DIMS.items():
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+            raise CheckpointError(f"{cfg_path}: {key} is {value!r}, not an integer in 1..{hi}; fix config.json")
+        dims[key] = value
+    if dims["n_embd"] % dims["n_head"]:
+        raise CheckpointError(
+            f"{cfg_path}: n_head {dims['n_head']} does not divide n_embd {dims['n_embd']}; fix config.json"
+        )
 
 
 def load_model(ckpt: Checkpoint):

@@ -227,6 +227,10 @@ def _judge(pkg: Package, name: str, metrics: dict, overrides: dict, tol_override
 
 
 def _record(pkg: Package, report: dict) -> None:
+    from .cpuinfo import cpu_kind
+
+    measured_on = cpu_kind()
+
     def change(manifest: dict) -> None:
         for name, r in report["variants"].items():
             entry = manifest["variants"].get(name)
@@ -238,6 +242,7 @@ def _record(pkg: Package, report: dict) -> None:
                 "thresholds": r["thresholds"],
                 "reference": report["reference"],
                 "text": report["text"],
+                "measured_on": measured_on,  # int8 numerics depend on the CPU kind (AVX2, AVX-512, VNNI)
             }
 
     pkg.update_manifest(change)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .errors import UsageError
 from .fsutil import check_output_dir, staged_dir
 from .manifest import (
     CONFIG_FILES,
@@ -85,10 +86,13 @@ def export_package(
 
     opset = exporters.DEFAULT_OPSET if opset is None else opset
     exporters.check_opset(opset)
+    if atol is not None and (isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 < atol < 1e3):
+        raise UsageError(f"--atol must be a finite number > 0 (got {atol}); the default is 1e-4")
     out = check_output_dir(out, force)
     ckpt = exporters.locate(model)
     progress(f"loading {ckpt.source}")
     torch_model = exporters.load_model(ckpt)
+    _check_finite_weights(torch_model, ckpt.source)
     dims = exporters.model_dims(torch_model.config)
     with staged_dir(out) as tmp:
         progress(f"exporting {dims['n_layer']} layers x {dims['hidden_size']} hidden (opset {opset})")
@@ -152,6 +156,18 @@ def export_package(
         }
         save_manifest(tmp, manifest)
     return ExportResult(out, manifest, export_seconds, parity_seconds)
+
+
+def _check_finite_weights(torch_model, source: str) -> None:
+    """NaN or Inf in the weights makes every output NaN: refuse the checkpoint, naming the tensor."""
+    import torch
+
+    for name, param in torch_model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise UsageError(
+                f"checkpoint {source} has NaN or Inf values in {name}; it is corrupt or diverged in training, "
+                "export a checkpoint with finite weights"
+            )
 
 
 def _optimize_fp32(path: Path, dims: dict, progress: Progress) -> tuple[dict, str]:

@@ -62,6 +62,20 @@ def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def check_writable_dir(path: str | os.PathLike, why: str) -> None:
+    """UsageError unless a file can be created in directory ``path`` (tried: mode bits do not bind root,
+    read-only mounts do), so a command refuses before its work rather than after."""
+    path = Path(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=stage_prefix("probe"), dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(
+            f"cannot write to {path} ({e.strerror or e}); {why}: make it writable or work on a copy"
+        ) from None
+
+
 def _host() -> str:
     return "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname()) or "host"
 
@@ -121,7 +135,7 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary directory is removed and ``out`` is left as it was.
     """
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(out.parent)
     sweep_stale_stages(out.parent, out.name)
     tmp = Path(tempfile.mkdtemp(prefix=stage_prefix(out.name), suffix=".partial", dir=out.parent))
     os.chmod(tmp, 0o755)
@@ -136,7 +150,21 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # the directories made for ``out``, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories it created, innermost first."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 @contextlib.contextmanager

@@ -88,7 +88,14 @@ def describe_package(path: str | os.PathLike) -> dict:
             "requires": v.get("requires"),
             "runs_here": _runs_here(v),
             "recipe": v.get("recipe", {}),
-            "accuracy": None if acc is None else {**summary, "reference": acc.get("reference"), "failures": failures},
+            "accuracy": None
+            if acc is None
+            else {
+                **summary,
+                "reference": acc.get("reference"),
+                "failures": failures,
+                "measured_on": acc.get("measured_on"),
+            },
             "allowed_regression": bool(v.get("allowed_regression")),
             "parity": _parity_summary(v.get("parity")),
             "libraries": v.get("libraries", {}),

@@ -18,9 +18,11 @@ from pathlib import Path
 from . import __version__
 from .errors import PackageError
 from .fsutil import sha256_file, write_json_atomic
+from .schema import KV_CACHE_MODES  # noqa: F401  (re-exported)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # real manifests are tens of kB
 FORMAT = "gpt2deploy-package"
 
 #: Variant name -> graph file, following transformers.js naming.
@@ -35,7 +37,7 @@ VARIANT_FILES = {
 #: returns present [batch, heads, P + S, head_dim], the plain contract. "shared" graphs follow that
 #: contract too and also accept one buffer [batch, heads, capacity, head_dim] bound as both past and
 #: present: the valid length is the attention_mask width, and the new keys/values are written in place.
-KV_CACHE_MODES = ("concat", "shared")
+#: (defined with the validator in ``schema``)
 
 
 def providers_for_graph(providers: list[str], fused: dict) -> list[str]:
@@ -137,11 +139,23 @@ def load_manifest(root: str | Path) -> dict:
             f"{root}'"
         )
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise PackageError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; re-create the package")
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackageError(
             f"{path} is not valid JSON ({e}); re-create the package with 'gpt2deploy export' or 'build'"
         ) from None
+    except RecursionError:
+        raise PackageError(f"{path} is nested too deeply; re-create the package") from None
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PackageError(
+            f"{path} holds text that is not valid Unicode (an escaped lone surrogate); re-create the package"
+        ) from None
+    except (ValueError, RecursionError):
+        raise PackageError(f"{path} is nested too deeply; re-create the package") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PackageError(
             f"{path} is not a gpt2deploy manifest; re-create the package with 'gpt2deploy export' or 'build'"

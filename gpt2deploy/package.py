@@ -4,38 +4,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IntegrityError, VariantError
 from .fsutil import sha256_file
 from .manifest import MANIFEST_NAME, VARIANT_FILES, load_manifest, save_manifest
+from .schema import ModelDims, PackageSpec, Variant, parse_manifest
 from .verifycache import open_cache
 
-
-@dataclass(frozen=True)
-class ModelDims:
-    n_layer: int
-    n_head: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    n_positions: int
-    eos_token_id: int | None = None
-    bos_token_id: int | None = None
-
-    @classmethod
-    def from_manifest(cls, model: dict) -> ModelDims:
-        return cls(**{k: model.get(k) for k in cls.__dataclass_fields__})
+__all__ = ["ModelDims", "Package", "Variant"]
 
 
 class Package:
-    """A gpt2deploy package on disk. ``Package.open(path)`` validates the manifest."""
+    """A gpt2deploy package on disk. ``Package.open(path)`` validates the manifest (``schema``) once:
+    ``spec`` holds the typed result, ``variant_spec(name)`` one variant with its paths resolved."""
 
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: dict, spec: PackageSpec | None = None):
         self.root = root
         self.manifest = manifest
-        self.dims = ModelDims.from_manifest(manifest["model"])
+        self.spec = spec if spec is not None else parse_manifest(manifest, root)
+        self.dims = self.spec.dims
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Package:
@@ -45,16 +33,24 @@ class Package:
     # -- variants ---------------------------------------------------------------------------
     @property
     def variants(self) -> dict:
-        return self.manifest["variants"]
+        """Raw manifest entries of the valid variants, by name."""
+        return {n: self.manifest["variants"][n] for n in self.spec.variants}
+
+    def variant_spec(self, name: str) -> Variant:
+        """The validated variant ``name`` (VariantError listing the present ones when absent)."""
+        if not isinstance(name, str):
+            raise VariantError(f"a variant name must be a string (got {type(name).__name__})")
+        if name not in self.spec.variants:
+            present = ", ".join(sorted(self.spec.variants)) or "none"
+            raise VariantError(f"variant '{name[:64]}' is not in package {self.root} (present: {present})")
+        return self.spec.variants[name]
 
     def variant(self, name: str) -> dict:
-        if name not in self.variants:
-            present = ", ".join(sorted(self.variants)) or "none"
-            raise VariantError(f"variant '{name}' is not in package {self.root} (present: {present})")
-        return self.variants[name]
+        self.variant_spec(name)
+        return self.manifest["variants"][name]
 
     def variant_path(self, name: str) -> Path:
-        return self.root / self.variant(name)["file"]
+        return self.root / self.variant_spec(name).file
 
     @staticmethod
     def default_file(name: str) -> str:
@@ -67,15 +63,15 @@ class Package:
 
     @property
     def generation_defaults(self) -> dict:
-        return dict(self.manifest.get("generation", {}))
+        return dict(self.spec.generation)
 
     # -- integrity --------------------------------------------------------------------------
     def listed_files(self, variants: Iterable[str] | None = None) -> list[dict]:
         """File entries (path, sha256, size) of the shared files and the given variants (all if None)."""
-        entries = list(self.manifest["files"].values())
-        names = self.variants if variants is None else variants
+        entries = [e.as_dict() for e in self.spec.files]
+        names = self.spec.variants if variants is None else variants
         for name in names:
-            entries.extend(self.variant(name)["files"])
+            entries.extend(e.as_dict() for e in self.variant_spec(name).files)
         return entries
 
     def integrity_problems(
@@ -95,7 +91,7 @@ class Package:
             p = self.root / rel
             try:
                 real = p.resolve()
-            except OSError:
+            except (OSError, RuntimeError):
                 problems.append(f"{rel}: cannot be resolved")
                 continue
             if root not in real.parents:
@@ -116,6 +112,22 @@ class Package:
             cache.save()
         return problems
 
+    def contained(self, variant: str) -> None:
+        """IntegrityError unless every file of ``variant`` resolves inside the package (symlinks followed).
+
+        ``load(verify=False)`` runs this instead of the full check: no hashes, but never a file from elsewhere."""
+        root = self.root.resolve()
+        for entry in self.variant_spec(variant).files:
+            try:
+                real = entry.local.resolve()
+            except (OSError, RuntimeError):
+                real = None
+            if real is None or (root not in real.parents):
+                raise IntegrityError(
+                    f"package {self.root}: {entry.path} points outside the package ({real}); "
+                    "packages must be self-contained, copy the file in"
+                )
+
     def check_integrity(self, variants: Iterable[str] | None = None) -> None:
         problems = self.integrity_problems(variants, remembered=True)
         if problems:
@@ -130,9 +142,9 @@ class Package:
         """Re-read the manifest, apply ``change`` to it and write it back atomically."""
         manifest = load_manifest(self.root)
         change(manifest)
+        spec = parse_manifest(manifest, self.root)  # never write a manifest the reader would refuse
         save_manifest(self.root, manifest)
-        self.manifest = manifest
-        self.dims = ModelDims.from_manifest(manifest["model"])
+        self.manifest, self.spec, self.dims = manifest, spec, spec.dims
 
     @property
     def manifest_path(self) -> Path:

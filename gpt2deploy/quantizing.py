@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import PackageError, UsageError, VariantError
-from .fsutil import replace_files, staging_dir
+from .fsutil import check_writable_dir, replace_files, staging_dir
 from .manifest import VARIANT_FILES, providers_for_graph, variant_entry
 from .package import Package
 from .quantize_options import INT8_PASS_OPTIONS, MODES, NBITS_PASS_OPTIONS, QuantizeOptions
@@ -74,6 +74,9 @@ def quantize_package(
         raise PackageError(
             f"the fp32 variant of {pkg.root} fails its integrity check ({problems[0]}); re-export the package"
         )
+    graph_dir = pkg.root / Path(VARIANT_FILES.get(name, "onnx/x")).parent
+    for d in dict.fromkeys((pkg.root, graph_dir if graph_dir.is_dir() else pkg.root)):
+        check_writable_dir(d, "quantize writes the new variant and updates the manifest")
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

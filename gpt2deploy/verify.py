@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import PackageError
-from .manifest import KV_CACHE_MODES, MANIFEST_NAME, load_manifest
+from .manifest import MANIFEST_NAME, load_manifest
 from .package import Package
+from .schema import SchemaError, parse_manifest
 
 GRAPH_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data")
 
@@ -55,6 +56,7 @@ class GraphIO:
     outputs: dict
     external: list[str] | None  # external data locations, relative to the graph (None: not inspected)
     optional: dict = field(default_factory=dict)  # inputs with a default (initializers listed as inputs)
+    positions: int | None = None  # rows of the position embedding table (None: not inspected)
 
 
 def verify_package(
@@ -75,18 +77,30 @@ def verify_package(
         report.problems.append(
             f"{MANIFEST_NAME}: symlink points outside the package ({manifest_real}); packages must be self-contained"
         )
-    pkg = Package(root, manifest)
-    good, bad_entries = _well_formed_variants(manifest)
-    report.problems += bad_entries
+    try:
+        spec = parse_manifest(manifest, root, collect=True)
+    except SchemaError as e:
+        report.problems.append(f"{MANIFEST_NAME}: {e.line}")
+        return report
+    pkg = Package(root, manifest, spec)
+    good = list(spec.variants)
+    report.problems += [f"{MANIFEST_NAME}: {p}" for p in spec.problems]
+    for name, v in spec.variants.items():
+        if v.size is not None and v.size != sum(e.size for e in v.files):
+            report.problems.append(
+                f"variant {name}: recorded size {v.size} is not the sum of its files; rebuild the package"
+            )
     report.variants = good
-    shared_ok = _entries_ok(list(manifest["files"].values()))
-    if not shared_ok:
-        report.problems.append("manifest 'files': entries need path, sha256 and size; rebuild the package")
-    integrity = pkg.integrity_problems(variants=good, hashes=hashes) if shared_ok else []
+    integrity = pkg.integrity_problems(variants=good, hashes=hashes)
     report.problems += integrity
-    listed = {e["path"] for e in pkg.listed_files(good)} if shared_ok else set()
+    listed = {e["path"] for e in pkg.listed_files(good)}
     report.files_checked = len(listed)
-    named = {v.get("file") for v in manifest["variants"].values() if isinstance(v, dict)}
+    named = set()  # files a variant names, broken variants included: reported once, as that variant's problem
+    for v in manifest["variants"].values():
+        if isinstance(v, dict):
+            raw = v.get("files") if isinstance(v.get("files"), list) else []
+            named.update([v.get("file")] + [e.get("path") for e in raw if isinstance(e, dict)])
+    named = listed | {n for n in named if isinstance(n, str)}
     report.problems += _tree_problems(root, listed, listed | named)
     if graphs:
         damaged = {line.split(":", 1)[0] for line in integrity}
@@ -96,57 +110,9 @@ def verify_package(
             v = manifest["variants"][name]
             if any(f["path"] in damaged for f in v["files"]):
                 continue  # already reported; parsing a damaged graph says nothing new
-            report.problems += _graph_problems(root, name, v, v.get("io") or manifest["io"], read)
+            report.problems += _graph_problems(root, name, v, spec.variants[name].io, read, spec.dims)
             report.graphs_checked += 1
     return report
-
-
-def _entries_ok(entries) -> bool:
-    return isinstance(entries, list) and all(
-        isinstance(e, dict)
-        and isinstance(e.get("path"), str)
-        and isinstance(e.get("sha256"), str)
-        and isinstance(e.get("size"), int)
-        for e in entries
-    )
-
-
-def _well_formed_variants(manifest: dict) -> tuple[list[str], list[str]]:
-    good, problems = [], []
-    for name, v in manifest["variants"].items():
-        if not isinstance(v, dict) or not _entries_ok(v.get("files")) or not v.get("files"):
-            problems.append(
-                f"variant {name}: manifest entry lacks its file list (path, sha256, size); rebuild the package"
-            )
-            continue
-        paths = [e["path"] for e in v["files"]]
-        if v.get("file") not in paths:
-            problems.append(
-                f"variant {name}: its graph file {v.get('file')!r} is not among its listed files; rebuild the package"
-            )
-            continue
-        if v.get("kv_cache", "concat") not in KV_CACHE_MODES:
-            problems.append(
-                f"variant {name}: unknown kv_cache {v.get('kv_cache')!r} (known: {', '.join(KV_CACHE_MODES)}); "
-                "rebuild the package"
-            )
-            continue
-        bad_req = _requires_problem(v.get("requires"))
-        if bad_req:
-            problems.append(f"variant {name}: {bad_req}; rebuild the package")
-            continue
-        if v.get("size") != sum(e["size"] for e in v["files"]):
-            problems.append(
-                f"variant {name}: recorded size {v.get('size')} is not the sum of its files; rebuild the package"
-            )
-        bad = [p for p in paths if PurePosixPath(p).is_absolute() or ".." in PurePosixPath(p).parts]
-        if bad:
-            problems.append(
-                f"{bad[0]}: variant {name} lists a path outside the package; packages must be self-contained"
-            )
-            continue
-        good.append(name)
-    return good, problems
 
 
 def _tree_problems(root: Path, checked: set[str], named: set[str]) -> list[str]:
@@ -172,16 +138,14 @@ def _tree_problems(root: Path, checked: set[str], named: set[str]) -> list[str]:
     return problems
 
 
-def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) -> list[str]:
+def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read, dims) -> list[str]:
     rel = variant["file"]
     try:
         io = read(root / rel)
     except Exception as e:  # a graph that does not parse is a verification failure, not a crash
-        return [
-            f"{rel}: cannot be read as an ONNX graph ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:120] if str(e) else ''}); rebuild variant {name}"
-        ]
-    problems = []
+        first = str(e).splitlines()[0][:120] if str(e) else ""
+        return [f"{rel}: cannot be read as an ONNX graph ({type(e).__name__}: {first}); rebuild variant {name}"]
+    problems = _dims_problems(rel, io, dims)
     for kind, have in (("input", io.inputs), ("output", io.outputs)):
         want = {t["name"]: (t["dtype"], t["shape"]) for t in contract[kind + "s"]}
         missing = [n for n in want if n not in have]
@@ -225,20 +189,6 @@ def _graph_problems(root: Path, name: str, variant: dict, contract: dict, read) 
     return problems
 
 
-def _requires_problem(requires) -> str:
-    """ "" for an absent or well-formed ``requires`` ({"onnxruntime": "1.22"}), else what is wrong with it."""
-    from .compat import version_tuple
-
-    if requires is None:
-        return ""
-    if not isinstance(requires, dict) or not requires:
-        return f'\'requires\' must be an object like {{"onnxruntime": "1.22"}} (got {requires!r:.60})'
-    for runtime, version in requires.items():
-        if not isinstance(version, str) or not version_tuple(version):
-            return f"'requires' {runtime!r} must be a version string like \"1.22\" (got {version!r:.40})"
-    return ""
-
-
 def _requirement_understated(graph: Path, requires) -> str:
     """ "" when the recorded requirement is at least what the graph needs (onnx reads it), else the gap."""
     from .compat import version_tuple
@@ -256,6 +206,32 @@ def _requirement_understated(graph: Path, requires) -> str:
     if version_tuple(derived) > version_tuple(need):
         return f"manifest says it needs onnxruntime >= {need} but its graph needs >= {derived}"
     return ""
+
+
+def _dims_problems(rel: str, io: GraphIO, dims) -> list[str]:
+    """The manifest's model dims against the graph: layers, heads, head dim, vocabulary, position table."""
+    out = []
+    layers = {n.split(".")[1] for n in io.inputs if n.startswith("past_key_values.") and n.count(".") == 2}
+    if len(layers) != dims.n_layer:
+        out.append(
+            f"{rel}: graph has {len(layers)} layers of KV cache, the manifest's model.n_layer says {dims.n_layer}"
+        )
+    past = io.inputs.get("past_key_values.0.key")
+    if past and past[1] and len(past[1]) == 4:
+        for axis, key, want in ((1, "n_head", dims.n_head), (3, "head_dim", dims.head_dim)):
+            have = past[1][axis]
+            if isinstance(have, int) and have != want:
+                out.append(f"{rel}: graph's KV cache has {key} {have}, manifest's model.{key} says {want}")
+    logits = io.outputs.get("logits")
+    if logits and logits[1] and isinstance(logits[1][-1], int) and logits[1][-1] != dims.vocab_size:
+        have = logits[1][-1]
+        out.append(f"{rel}: graph's logits have {have} entries, manifest's model.vocab_size says {dims.vocab_size}")
+    if io.positions is not None and io.positions < dims.n_positions:
+        out.append(
+            f"{rel}: graph's position table has {io.positions} rows, manifest's model.n_positions says "
+            f"{dims.n_positions}; rebuild the package"
+        )
+    return out
 
 
 def _mismatch(want: tuple, have: tuple) -> str | None:
@@ -313,7 +289,22 @@ def _io_via_onnx(path: Path) -> GraphIO:
         {vi.name: one(vi) for vi in model.graph.output},
         sorted(external),
         {vi.name: one(vi) for vi in model.graph.input if vi.name in inits},
+        _position_rows(model),
     )
+
+
+def _position_rows(model) -> int | None:
+    """Rows of the table ``position_ids`` index (a Gather on position_ids, or an initializer named ``*wpe*``)."""
+    by_name = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "position_ids":
+            t = by_name.get(node.input[0])
+            if t is not None and len(t.dims) == 2:
+                return int(t.dims[0])
+    for t in model.graph.initializer:
+        if "wpe" in t.name and len(t.dims) == 2:
+            return int(t.dims[0])
+    return None
 
 
 def _io_via_onnxruntime(path: Path) -> GraphIO:

@@ -16,7 +16,7 @@ from gpt2deploy.checking import check_package, model_identity
 from gpt2deploy.package import Package
 
 FAST = ("--max-tokens", "256")  # two windows of 128 on the tiny models
-ACCURACY_KEYS = {"passed", "metrics", "thresholds", "reference", "text"}
+ACCURACY_KEYS = {"passed", "metrics", "thresholds", "reference", "text", "measured_on"}
 #: loosen the gates a deliberately damaged variant crosses, so the baseline guard alone decides
 LOOSE = (
     "-t",
@@ -211,6 +211,8 @@ def bad_inputs(tmp_path_factory, damaged_package, tiny_checkpoint_b):
     shutil.copytree(damaged_package, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["model"]["vocab_size"] = 32000
+    manifest["model"].update(eos_token_id=0, bos_token_id=0)  # token ids must be inside the vocabulary
+    manifest["generation"].update(eos_token_id=0, bos_token_id=0)
     (other / "manifest.json").write_text(json.dumps(manifest))
     (d / "other-model.json").write_text(
         json.dumps(_other_model_report(damaged_package, n_layer=12, weights_sha256="f" * 64))

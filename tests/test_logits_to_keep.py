@@ -169,7 +169,34 @@ def test_untied_lm_head(tmp_path):
         full = dec.session.run(["logits"], _feed(dec, None))[0][:, -1:]
         kept = dec.session.run(["logits"], _feed(dec, 1))[0]
         assert kept.shape == full.shape
-        # int8 quantizes the head's input with one scale per call: over one position instead of all seven
-        tol = 0.02 * float(np.abs(full).max()) if variant == "int8" else 1e-5
-        np.testing.assert_allclose(kept, full, atol=tol, err_msg=variant)
-        assert (kept.argmax(-1) == full.argmax(-1)).all(), variant
+        if variant != "int8":
+            np.testing.assert_allclose(kept, full, atol=1e-5, err_msg=variant)
+            assert (kept.argmax(-1) == full.argmax(-1)).all(), variant
+            continue
+        # int8 quantizes the head's input with one scale per call (over seven positions, then over one), and
+        # the integer kernel differs by CPU kind: the tolerance is derived from the quantization (int8_bound)
+        tol = _int8_head_tolerance(pkg, tmp_path)
+        assert (np.abs(kept - full) <= tol).all(), float((np.abs(kept - full) - tol).max())
+        top2 = np.sort(full, axis=-1)[..., -2:]
+        clear = (top2[..., 1] - top2[..., 0]) > 2 * tol.max(axis=-1)  # argmax is fixed where the margin allows
+        assert (kept.argmax(-1) == full.argmax(-1))[clear].all()
+
+
+def _int8_head_tolerance(pkg, tmp_path) -> np.ndarray:
+    """|kept - full| bound for the untied int8 head: each call's own bound against exact arithmetic, summed."""
+    from int8_bound import call_bound, head_probe
+
+    probe = head_probe(pkg.variant_path("int8"), tmp_path / "probe.onnx")
+    sess = _session(tmp_path / "probe.onnx")
+    dec = DecoderSession(pkg, "int8")
+    bounds = []
+    for keep in (None, 1):
+        logits, x = sess.run(["logits", probe["input"]], _feed(dec, keep))
+        rows = x.reshape(-1, x.shape[-1])
+        bound = call_bound(rows, probe["wq"], probe["w_scale"], probe["w_zero"]).reshape(*x.shape[:-1], -1)
+        # the bound holds for the call itself, on this CPU's kernel, against x @ W in exact arithmetic
+        w = (probe["wq"].astype(np.float64) - probe["w_zero"].astype(np.float64)) * probe["w_scale"]
+        exact = x.astype(np.float64) @ w
+        assert (np.abs(logits - exact) <= bound).all()
+        bounds.append(bound[:, -1:])
+    return bounds[0] + bounds[1]

@@ -126,9 +126,11 @@ def test_manifest_path_outside_package_refused(built_copy, cli):
     _edit_manifest(built_copy, change)
     lines = _fails(cli("verify", built_copy))
     assert lines == [
-        f"FAIL ../tokenizer.json: points outside the package ({built_copy.parent.resolve() / 'tokenizer.json'}); "
-        "packages must be self-contained"
+        "FAIL manifest.json: key files.tokenizer.json.path '../tokenizer.json' points outside the package; "
+        "packages must be self-contained; rebuild the package with 'gpt2deploy build' (or 'gpt2deploy export')"
     ]
+    r = cli("run", built_copy, "-p", "hi", "-n", "2")
+    assert r.exit_code == 2 and "key files.tokenizer.json.path '../tokenizer.json' points outside" in r.stderr
 
 
 @pytest.mark.parametrize("reader", ["onnx", "onnxruntime"])
@@ -183,7 +185,10 @@ def test_external_data_must_be_listed(built_copy, cli):
 def test_malformed_variant_entry(built_copy, cli):
     _edit_manifest(built_copy, lambda m: m["variants"]["int8"].pop("files"))
     lines = _fails(cli("verify", built_copy))
-    assert "FAIL variant int8: manifest entry lacks its file list (path, sha256, size); rebuild the package" in lines
+    assert (
+        "FAIL manifest.json: key variants.int8.files must be an array (got null); "
+        "rebuild the package with 'gpt2deploy build' (or 'gpt2deploy export')"
+    ) in lines
     assert (
         "FAIL onnx/model_int8.onnx: ONNX file not listed in the manifest; remove it or rebuild the package" not in lines
     )

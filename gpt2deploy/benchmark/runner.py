@@ -25,7 +25,7 @@ def bench_package(path: str | os.PathLike, config: BenchConfig, all_variants: bo
     config.validate()
     package = Package.open(path)
     dims = package.dims
-    config.validate_for(dims.n_positions)
+    config.validate_for(dims.n_positions, dims)
     device = resolve_device(config.device)
     skipped: dict[str, str] = {}
     if all_variants:

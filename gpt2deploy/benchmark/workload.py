@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..bounds import check_generation_memory, check_threads
 from ..errors import UsageError
 
 
@@ -49,11 +50,10 @@ class BenchConfig:
             if not isinstance(value, int) or value < minimum:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} must be an integer >= {minimum} (got {value})")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be >= 1 (got {self.threads}); omit it to let ONNX Runtime choose")
+        check_threads(self.threads, "--threads")
 
-    def validate_for(self, n_positions: int) -> None:
-        """Checks against the model's context length."""
+    def validate_for(self, n_positions: int, dims=None) -> None:
+        """Checks against the model's context length (and, given its ``dims``, this machine's memory)."""
         self.validate()
         if self.prompt_tokens > n_positions:
             raise UsageError(
@@ -70,6 +70,11 @@ class BenchConfig:
             raise UsageError(
                 f"--curve-steps {self.curve_steps} does not fit the model's context of {n_positions} tokens; "
                 f"use at most {n_positions - 2} or pass --no-long-context"
+            )
+        if dims is not None:
+            capacity = n_positions if self.long_context else self.prompt_tokens + self.new_tokens
+            check_generation_memory(
+                dims, self.batch, self.prompt_tokens, capacity, what="--batch with --prompt-tokens/--new-tokens"
             )
 
 

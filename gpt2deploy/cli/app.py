@@ -6,8 +6,44 @@ import functools
 import sys
 
 import typer
+from typer.core import TyperGroup
+
+#: Click's exception classes (Typer may vendor its own copy of Click, so they are taken from Typer's).
+_clickx = sys.modules[typer.BadParameter.__module__]
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's usage errors (unknown option, bad value) as one ``error:`` line and a hint to --help, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        global _reported
+        _reported = False
+        prog_name = prog_name or "gpt2deploy"
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _clickx.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except _clickx.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "gpt2deploy"
+            message = " ".join(e.format_message().split()).rstrip(".")
+            typer.echo(_printable(f"error: {message}; see '{where} --help'"), err=True)
+            sys.exit(2)
+        except _clickx.ClickException as e:
+            typer.echo(_printable(f"error: {' '.join(e.format_message().split())}"), err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        if rc == 130 and not _reported:  # Typer turns Ctrl-C outside a command body into a silent exit 130
+            typer.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="gpt2deploy",
     help="Export, quantize, check, package and run GPT-2-family models on ONNX Runtime.",
     no_args_is_help=True,
@@ -25,8 +61,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (Gpt2DeployError, ExportError, QuantError)
 
 
+_reported = False  # an ``error:`` line was printed by ``fail``
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    global _reported
+    _reported = True
+    typer.echo(f"error: {_printable(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -39,6 +80,9 @@ def command(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:  # the reader of stdout left (e.g. `| head`): stop quietly, as streaming does
+            _silence_stdout()
+            raise typer.Exit(0) from None
         except _known_errors() as e:
             raise fail(str(e), getattr(e, "exit_code", 2)) from None
         except KeyboardInterrupt:
@@ -50,6 +94,17 @@ def command(fn):
             raise fail(f"{e.strerror or e}{where}; check the path, permissions and free disk space", 1) from None
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into a closed pipe does not fail."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def output_file(path, flag: str, suffix: str | None = None, allow_stdout: bool = False):
@@ -76,7 +131,12 @@ def output_file(path, flag: str, suffix: str | None = None, allow_stdout: bool =
 
 def say(message: str) -> None:
     """Progress and summaries go to stderr so stdout stays for results (text, JSON)."""
-    typer.echo(message, err=True)
+    typer.echo(_printable(message), err=True)
+
+
+def _printable(message: str) -> str:
+    """Lone surrogates (from undecodable paths or arguments) as escapes: any stream can write the result."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def stdout_is_tty() -> bool:

@@ -3,29 +3,38 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import typer
 
-from .app import app, command, say
+from .app import _silence_stdout, app, command, say
+
+#: Longest prompt read from stdin; anything longer cannot fit a GPT-2 context anyway.
+STDIN_LIMIT = 16 << 20
 
 
 def _read_prompt(prompt: str) -> str:
-    if prompt == "-":
-        text = sys.stdin.read()
-        return text[:-1] if text.endswith("\n") else text
-    return prompt
+    """The prompt text: from stdin for '-' (invalid UTF-8 replaced, with a warning), else the argument itself
+    (which must be valid Unicode: a lone surrogate from an undecodable argument is refused)."""
+    from ..bounds import check_text, decode_input
+    from ..errors import UsageError
 
-
-def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
+    if prompt != "-":
+        return check_text(prompt, "--prompt")
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.read(STDIN_LIMIT + 1) if stream is not None else sys.stdin.read(STDIN_LIMIT + 1)
+    if len(data) > STDIN_LIMIT:
+        raise UsageError(f"the prompt on stdin is longer than {STDIN_LIMIT >> 20} MiB; pass a shorter text")
+    if isinstance(data, bytes):
+        text, replaced = decode_input(data)
+        if replaced:
+            say(f"warning: the prompt on stdin is not valid UTF-8; {replaced} invalid sequence(s) replaced by U+FFFD")
+    else:
+        text = data
+    text = text.encode("utf-8", "replace").decode("utf-8") if text else text
+    return text[:-1] if text.endswith("\n") else text
 
 
 @app.command("run")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..bounds import check_generation_memory
 from ..errors import GenerationError
 from .kvcache import KVStepper
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
@@ -104,6 +105,8 @@ class Generation:
         self.active = np.ones(self.batch, dtype=bool)
         self.timings: dict = {}
         self.capacity = max(len(r) for r in self.rows) + opts.max_new_tokens
+        longest = max(len(r) for r in self.rows)
+        check_generation_memory(dec.dims, self.batch, longest, self.capacity, 1 if dec.keeps_logits else None)
         self.stepper: KVStepper | None = None  # the caller may lend one with buffers to reuse
 
     def finish(self, row: int, reason: str) -> None:

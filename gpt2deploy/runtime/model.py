@@ -5,20 +5,23 @@ Only onnxruntime, numpy and tokenizers are imported here (never torch, transform
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ..bounds import check_bool, check_text, check_threads
 from ..compat import load_error, requirement_error, runtime_problem
-from ..errors import PackageError, UsageError, VariantError
+from ..errors import GenerationError, Gpt2DeployError, PackageError, UsageError, VariantError
 from ..package import Package
 from .generate import Generation, GenerationResult
 from .kvcache import KVStepper
 from .options import GenerationOptions, build_options
 from .providers import resolve_device
-from .select import gate_failed, select_variant
+from .select import select_variant
 from .session import DecoderSession
 from .textstream import IncrementalText, StopMatcher, TokenBytes
 
@@ -40,32 +43,43 @@ def load(
     ``threads`` sets ONNX Runtime's intra-op threads; ``verify`` checks the sha256 of the shared files and of
     the chosen variant first and refuses to load on a mismatch (IntegrityError).
     """
-    pkg = Package.open(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"path must be a package directory (str or os.PathLike; got {type(path).__name__})")
+    if variant is not None and not isinstance(variant, str):
+        raise UsageError(f"variant must be a variant name or None (got {type(variant).__name__})")
+    if not isinstance(device, str):
+        raise UsageError(f"device must be one of 'auto', 'cpu', 'cuda' (got {type(device).__name__})")
+    threads = check_threads(threads)
+    check_bool(verify, "verify")
+    pkg = Package.open(path)  # the manifest is validated here, before anything else is read
     dev = resolve_device(device)
     notes: list[str] = []
     if variant is None:
         name, reason = select_variant(pkg.manifest, dev)
+        spec = pkg.variant_spec(name)
     else:
-        entry = pkg.variant(variant)
+        spec = pkg.variant_spec(variant)
         name, reason = variant, "requested"
         if dev == "cpu" and name == "fp16":
             notes.append("fp16 runs slower than fp32 on the CPU execution provider; it is meant for CUDA")
             warnings.warn(notes[-1], PerformanceWarning, stacklevel=2)
-        if dev == "cuda" and entry.get("providers") and "CUDAExecutionProvider" not in entry["providers"]:
+        if dev == "cuda" and not spec.runs_on("CUDAExecutionProvider"):
             raise VariantError(
-                f"variant {name} is built for {', '.join(entry['providers'])} only (its fused attention has no CUDA "
+                f"variant {name} is built for {', '.join(spec.providers)} only (its fused attention has no CUDA "
                 "kernel); "
                 "use --device cpu, the fp16 variant, or re-export with --portable"
             )
-        if runtime_problem(entry):
-            raise VariantError(requirement_error(name, entry, pkg.manifest))
-        if gate_failed(entry):
+        if runtime_problem(pkg.variant(name)):
+            raise VariantError(requirement_error(name, pkg.variant(name), pkg.manifest))
+        if spec.gate_failed:
             notes.append(
                 f"variant {name} failed its accuracy gate (see 'gpt2deploy inspect'); its output may differ from fp32"
             )
             warnings.warn(notes[-1], AccuracyWarning, stacklevel=2)
     if verify:
-        pkg.check_integrity([name])
+        pkg.check_integrity([name])  # spec.graph is one of the variant's files: the graph run is the one hashed
+    else:
+        pkg.contained(name)
     if not pkg.tokenizer_path.is_file():
         raise PackageError(f"package {pkg.root} has no tokenizer.json; rebuild it with 'gpt2deploy export' or 'build'")
     from tokenizers import Tokenizer
@@ -76,13 +90,11 @@ def load(
         raise PackageError(
             f"{pkg.tokenizer_path} cannot be read ({str(e).splitlines()[0][:120]}); rebuild the package"
         ) from None
-    if not pkg.variant_path(name).is_file():
-        raise VariantError(
-            f"variant {name}'s graph {pkg.variant(name)['file']} is missing from {pkg.root}; rebuild the package"
-        )
+    if not spec.graph.is_file():
+        raise VariantError(f"variant {name}'s graph {spec.file} is missing from {pkg.root}; rebuild the package")
     try:
-        session = DecoderSession(pkg, name, dev, threads)
-    except UsageError:
+        session = DecoderSession(pkg, spec, dev, threads)
+    except Gpt2DeployError:
         raise
     except Exception as e:  # onnxruntime's own exception types (invalid graph, provider failure)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -90,8 +102,8 @@ def load(
         if lacking:
             raise VariantError(lacking) from None
         raise PackageError(
-            f"ONNX Runtime cannot load variant {name} ({pkg.variant(name)['file']}): {first}; run 'gpt2deploy "
-            "verify' or rebuild the package"
+            f"ONNX Runtime cannot load variant {name} ({spec.file}): {first}; run 'gpt2deploy verify' or rebuild "
+            "the package"
         ) from None
     return Model(pkg, session, tokenizer, reason, notes)
 
@@ -118,9 +130,7 @@ class Model:
 
     # -- text <-> ids -----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise UsageError(f"a prompt must be a string (got {type(text).__name__})")
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(check_text(text, "prompt")).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         from .textstream import decode
@@ -131,7 +141,7 @@ class Model:
         """The effective options: the package's generation defaults overridden by ``opts`` (validated)."""
         defaults = self.package.generation_defaults
         defaults.setdefault("eos_token_id", self.dims.eos_token_id)
-        return build_options(defaults, opts)
+        return build_options(defaults, opts, vocab_size=self.dims.vocab_size)
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, prompt_or_prompts: str | Sequence[str], **opts) -> str | list[str]:
@@ -146,7 +156,14 @@ class Model:
 
     def generate_result(self, prompt_or_prompts: str | Sequence[str], **opts) -> GenerationResult:
         """Like ``generate`` but returns the full result: texts, token ids, finish reasons, timings."""
-        prompts = [prompt_or_prompts] if isinstance(prompt_or_prompts, str) else list(prompt_or_prompts)
+        if isinstance(prompt_or_prompts, str):
+            prompts = [prompt_or_prompts]
+        elif isinstance(prompt_or_prompts, (list, tuple)):
+            prompts = list(prompt_or_prompts)
+        else:
+            raise UsageError(
+                f"prompt_or_prompts must be a string or a list of strings (got {type(prompt_or_prompts).__name__})"
+            )
         if not prompts:
             raise UsageError("no prompts given; pass a string or a non-empty list of strings")
         for p in prompts:
@@ -155,7 +172,7 @@ class Model:
         o = self.options(**opts)
         gen = self._generation([self.encode(p) for p in prompts], o)
         texts = _TextRows(self, gen, o)
-        with self._stepper_for(gen) as stepper:
+        with self._stepper_for(gen) as stepper, _runtime_errors(self):
             gen.stepper = stepper
             for nxt, took in gen:
                 texts.update(nxt, took)
@@ -185,7 +202,7 @@ class Model:
         if o.stop:
             raise UsageError("stop strings apply to text; use generate or stream (or eos_token_id for token ids)")
         gen = self._generation(rows, o)
-        with self._stepper_for(gen) as stepper:
+        with self._stepper_for(gen) as stepper, _runtime_errors(self):
             gen.stepper = stepper
             for _ in gen:
                 pass
@@ -298,7 +315,7 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         gen = self.gen
         texts = _TextRows(self.model, gen, self.opts)
-        with self.model._stepper_for(gen) as stepper:
+        with self.model._stepper_for(gen) as stepper, _runtime_errors(self.model):
             gen.stepper = stepper
             for nxt, took in gen:
                 if self._cancel.is_set():  # set during this step: keep its token, flush, run no further step
@@ -317,6 +334,21 @@ class TextStream:
     @property
     def text(self) -> str | None:
         return None if self.result is None else self.result.texts[0]
+
+
+@contextlib.contextmanager
+def _runtime_errors(model: Model):
+    """ONNX Runtime failing mid-generation (a graph the manifest misdescribes) as one GenerationError line."""
+    try:
+        yield
+    except Exception as e:  # onnxruntime's own types, or the RuntimeError its IO-binding run raises
+        if not (type(e).__module__.startswith("onnxruntime") or type(e) is RuntimeError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise GenerationError(
+            f"ONNX Runtime failed running variant {model.variant} of {model.package.root}: {first}; "
+            "run 'gpt2deploy verify' on the package or rebuild it"
+        ) from None
 
 
 def _as_rows(ids_list) -> list[list[int]]:

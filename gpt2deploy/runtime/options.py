@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
+
+from ..bounds import check_text
 from ..errors import UsageError
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -55,28 +59,38 @@ _FROM_DEFAULTS = (
 )
 
 
-def _as_ids(value) -> tuple[int, ...]:
+def _as_ids(value, name: str = "eos_token_id", vocab_size: int | None = None) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,)
-    try:
-        ids = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise UsageError(f"eos_token_id must be an int or a list of ints (got {value!r})") from None
-    return ids
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+        raise UsageError(f"{name} must be an int or a list of ints (got {_short(value)})")
+    hi = (vocab_size - 1) if vocab_size else (1 << 31) - 1
+    for v in items:
+        if not 0 <= v <= hi:
+            raise UsageError(f"{name} {_short(v)} is outside the vocabulary (0..{hi})")
+    return tuple(int(v) for v in items)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _number(name: str, value, kind):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{name} must be a number (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UsageError(f"{name} must be a number (got {_short(value)})")
+    if not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number (got {value})")
     if kind is int and int(value) != value:
-        raise UsageError(f"{name} must be a whole number (got {value!r})")
+        raise UsageError(f"{name} must be a whole number (got {_short(value)})")
     return kind(value)
 
 
-def build_options(defaults: dict, overrides: dict) -> GenerationOptions:
-    """Merge the package's generation defaults with the caller's keyword options and validate them."""
+def build_options(defaults: dict, overrides: dict, vocab_size: int | None = None) -> GenerationOptions:
+    """Merge the package's generation defaults with the caller's keyword options and validate them.
+
+    ``vocab_size`` bounds token ids (eos_token_id, pad_token_id) when known."""
     unknown = sorted(set(overrides) - _NAMES)
     if unknown:
         raise UsageError(
@@ -88,15 +102,21 @@ def build_options(defaults: dict, overrides: dict) -> GenerationOptions:
             values[key] = defaults[key]
     values.update({k: v for k, v in overrides.items() if v is not None or k == "seed"})
     if "eos_token_id" in values:
-        values["eos_token_id"] = _as_ids(values["eos_token_id"])
-    if isinstance(values.get("pad_token_id"), (list, tuple)):
-        values["pad_token_id"] = values["pad_token_id"][0] if values["pad_token_id"] else 0
+        values["eos_token_id"] = _as_ids(values["eos_token_id"], "eos_token_id", vocab_size)
+    if values.get("pad_token_id") is not None:
+        pad = _as_ids(values["pad_token_id"], "pad_token_id", vocab_size)
+        values["pad_token_id"] = pad[0] if pad else None
     if values.get("pad_token_id") is None:
         values["pad_token_id"] = (values.get("eos_token_id") or (0,))[0]
     stop = values.get("stop", ())
     if isinstance(stop, str):
         stop = (stop,)
+    if not isinstance(stop, (list, tuple)):
+        raise UsageError(f"stop must be a string or a list of strings (got {type(stop).__name__})")
     values["stop"] = tuple(stop)
+    for name in ("do_sample", "ignore_eos", "truncate"):
+        if name in values and not isinstance(values[name], bool):
+            raise UsageError(f"{name} must be True or False (got {_short(values[name])})")
     opts = replace(GenerationOptions(), **values)
     validate(opts)
     return opts
@@ -130,4 +150,5 @@ def validate(o: GenerationOptions) -> None:
         )
     for s in o.stop:
         if not isinstance(s, str) or s == "":
-            raise UsageError(f"stop strings must be non-empty strings (got {s!r})")
+            raise UsageError(f"stop strings must be non-empty strings (got {_short(s)})")
+        check_text(s, "stop string")

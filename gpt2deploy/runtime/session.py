@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compat import required_version, version_tuple
-from ..errors import UsageError
-from ..manifest import LOGITS_TO_KEEP, optional_input_names, past_name, present_name
+from ..bounds import check_threads
+from ..compat import version_tuple
+from ..errors import PackageError, UsageError
+from ..manifest import LOGITS_TO_KEEP, past_name, present_name
 from ..package import Package
+from ..schema import Variant
 from .memory import advise_mapped_weights, trim_heap
 from .providers import providers_for, resolve_device
 
@@ -19,44 +21,74 @@ from .providers import providers_for, resolve_device
 class DecoderSession:
     """``DecoderSession(package, variant, device, threads).forward(ids, mask, pos, past) -> (logits, present)``."""
 
-    def __init__(self, package: Package, variant: str = "fp32", device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self, package: Package, variant: str | Variant = "fp32", device: str = "cpu", threads: int | None = None
+    ):
         import onnxruntime as ort
 
-        if threads is not None and threads < 1:
-            raise UsageError(f"threads must be >= 1 (got {threads})")
+        threads = check_threads(threads)
+        spec = variant if isinstance(variant, Variant) else package.variant_spec(variant)
         self.package = package
-        self.variant = variant
+        self.spec = spec
+        self.variant = spec.name
         self.device = resolve_device(device)
         self.dims = package.dims
-        path = package.variant_path(variant)
+        path = spec.graph  # validated: inside the package and among the variant's hashed files
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # failures surface as exceptions, turned into one error line each
         self.session = ort.InferenceSession(str(path), opts, providers=providers_for(self.device))
         self.memory = self._settle_memory(path)
         d = self.dims
         self.past_names = [past_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.present_names = [present_name(i, k) for i in range(d.n_layer) for k in ("key", "value")]
         self.output_names = ["logits", *self.present_names]
-        self.kv_shared = package.variant(variant).get("kv_cache") == "shared"
+        self._check_graph(spec.file)
+        self.kv_shared = spec.kv_shared
         #: GroupQueryAttention in the portable (1.22) input schema runs a multi-token step with past for batch 1
         #: only; graphs written with per-row query lengths (onnxruntime >= 1.32) run it for any batch.
-        need = required_version(package.variant(variant)) or "0"
+        need = spec.requires.get("onnxruntime") or "0"
         self.single_row_chunks = self.kv_shared and version_tuple(need) < (1, 32)
-        contract = package.variant(variant).get("io") or package.manifest.get("io") or {}
         #: The graph projects only the last N positions when fed ``logits_to_keep`` (see exporters.logits_to_keep).
-        self.keeps_logits = LOGITS_TO_KEEP in optional_input_names(contract)
+        self.keeps_logits = LOGITS_TO_KEEP in spec.optional_inputs
+
+    def _check_graph(self, rel: str) -> None:
+        """The graph's inputs and outputs against the manifest's dims (layers, heads, head dim, vocabulary)."""
+        d = self.dims
+        have = {a.name: a.shape for a in self.session.get_inputs()}
+        outputs = {a.name: a.shape for a in self.session.get_outputs()}
+        want = ["input_ids", "attention_mask", "position_ids", *self.past_names]
+        missing = [n for n in want if n not in have]
+        extra = sorted(n for n in have if n.startswith("past_key_values.") and n not in self.past_names)
+        why = None
+        if missing or extra:
+            n = (missing or extra)[0]
+            why = f"{'lacks' if missing else 'has'} input {n}, which model.n_layer {d.n_layer} does not imply"
+        elif "logits" not in outputs or any(n not in outputs for n in self.present_names):
+            why = "lacks the logits or present outputs the manifest's model dims imply"
+        else:
+            past = have[self.past_names[0]] if self.past_names else None
+            logits = outputs["logits"]
+            if past and len(past) == 4 and isinstance(past[1], int) and past[1] != d.n_head:
+                why = f"has {past[1]} heads in its KV cache, model.n_head says {d.n_head}"
+            elif past and len(past) == 4 and isinstance(past[3], int) and past[3] != d.head_dim:
+                why = f"has head size {past[3]} in its KV cache, model.head_dim says {d.head_dim}"
+            elif logits and isinstance(logits[-1], int) and logits[-1] != d.vocab_size:
+                why = f"has {logits[-1]} logits per position, model.vocab_size says {d.vocab_size}"
+        if why:
+            raise PackageError(
+                f"variant {self.variant}'s graph {rel} {why}; the manifest does not describe this graph, "
+                "run 'gpt2deploy verify' or rebuild the package"
+            )
 
     def _settle_memory(self, graph_path) -> dict:
         """After the load on the CPU: sparse mapped weights and a trimmed heap (see ``memory``)."""
         if self.device != "cpu":
             return {"mappings": 0, "mapped_bytes": 0, "files": [], "heap_trimmed": False}
-        root = self.package.root
-        files = [root / e["path"] for e in self.package.variant(self.variant).get("files", [])]
-        report = advise_mapped_weights([f for f in files if f.resolve() != graph_path.resolve()])
+        report = advise_mapped_weights(self.spec.data_files)
         report["heap_trimmed"] = trim_heap()
         return report
 
