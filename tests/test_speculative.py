@@ -64,10 +64,15 @@ def test_prompt_lookup_is_greedy_token_for_token(ref_package, ref, eval_ids, var
 
 
 def test_prompt_lookup_batch_left_padded(ref, eval_ids):
+    """The default graphs (onnxruntime 1.22 attention schema) check guesses for one row at a time: a batch
+    decodes plainly, with the reason, and gives the plain tokens."""
     rows = [grounded_prompt(ref, eval_ids)[:180], eval_ids[7000:7020], eval_ids[9000:9110]]
     plain, spec = plain_and_speculative(ref, rows, "prompt-lookup", n=64)
     assert spec.tokens == plain.tokens
-    assert spec.timings["speculation"]["rounds"] > 0
+    if ref.session.single_row_chunks:
+        assert "one row at a time" in spec.timings["speculation"]["note"]
+    else:
+        assert spec.timings["speculation"]["rounds"] > 0
     assert "speculation" not in ref.generate_ids(rows, max_new_tokens=4, speculative="auto").timings  # one prompt
     auto = ref.generate_ids(rows[:1], max_new_tokens=16, ignore_eos=True, speculative="auto")
     assert auto.timings["speculation"]["proposer"] == "prompt-lookup" and auto.tokens[0] == plain.tokens[0][:16]
@@ -99,6 +104,9 @@ def test_draft_model_proposer(ref_package, ref, eval_ids):
         plain, spec = plain_and_speculative(ref, rows, draft)
         assert spec.tokens == plain.tokens
         s = spec.timings["speculation"]
+        if len(rows) > 1 and ref.session.single_row_chunks:
+            assert "one row at a time" in s["note"]
+            continue
         assert s["proposer"] == "draft" and s["accepted"] > 0 and s["accepted"] < s["proposed"]
 
 
@@ -108,6 +116,8 @@ def test_kv_cache_after_rejected_proposals_equals_plain(ref, eval_ids):
     from gpt2deploy.runtime.speculative import PromptLookup, SpeculativeGeneration
 
     rows = [eval_ids[3000:3060], eval_ids[4000:4030]]
+    if ref.session.single_row_chunks:  # the default attention schema verifies guesses for one row at a time
+        rows = rows[:1]
     opts = ref.options(max_new_tokens=48, ignore_eos=True)
     plain = Generation(ref.session, rows, opts)
     spec = SpeculativeGeneration(ref.session, rows, opts, PromptLookup(min_ngram=1))

@@ -204,6 +204,11 @@ def plan(model, rows: list[list[int]], opts: GenerationOptions) -> Generation:
     if value == "auto" and len(rows) > 1:  # a batch advances by its shortest accepted prefix: not a sure win
         return Generation(dec, rows, opts)
     why = unavailable(dec, opts)
+    if why is None and len(rows) > 1 and getattr(dec, "single_row_chunks", False):
+        why = (
+            "this graph's attention (the onnxruntime 1.22 input schema) checks several tokens against the cache "
+            "for one row at a time only: a batch decodes plainly"
+        )
     if why is not None:
         return Generation(dec, rows, opts) if value == "auto" else PlainGeneration(dec, rows, opts, why)
     if value is True or value in ("auto", "prompt-lookup"):
