@@ -404,6 +404,32 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    _record(results)
+
+
+def _record(results: dict) -> None:
+    """The recipe comparison as the ``Recipes`` section of benchmarks/RESULTS.md."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results import md_table, record
+
+    parts = []
+    acc = {k: v for k, v in results.get("accuracy", {}).items() if not k.startswith("_")}
+    if acc:
+        rows = [
+            [n, f"{r['top1'] * 100:.2f}%", f"{r['ppl_delta'] * 100:+.2f}%", f"{r['size_mb']:.1f}"]
+            for n, r in acc.items()
+        ]
+        parts.append("Accuracy on gpt2-ref vs fp32:\n\n" + md_table(["recipe", "top-1", "ppl", "file MB"], rows))
+    speed = results.get("speed")
+    if speed:
+        rows = [
+            [n, *(r.get(k, "") for k in ("decode_tok_s", "peak_rss"))] for n, r in speed.items() if isinstance(r, dict)
+        ]
+        parts.append(
+            "Decode speed, GPT-2-small shape (medians):\n\n" + md_table(["engine", "decode tok/s", "peak RSS"], rows)
+        )
+    if parts:
+        record("Recipes", "\n\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ def main(argv=None) -> int:
     if png is not None:
         (a.out / "latest.png").write_bytes(png.read_bytes())
     print(md)
+    results.record("Engines", md)
     llama = peer_ratios.section(result)
     if llama is not None:
         results.record("Batch-1 decode vs llama.cpp", llama)
