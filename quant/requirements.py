@@ -12,9 +12,9 @@ wrote the graph (``writer``, the installed onnxruntime by default): true, if not
 
 from __future__ import annotations
 
-import re
-
 import onnx
+
+from .versions import version_tuple
 
 #: The oldest onnxruntime the project supports (pyproject's floor; tested in CI).
 FLOOR = "1.22"
@@ -43,19 +43,6 @@ SCHEMA_MAX_INPUTS: dict[str, tuple[tuple[str, int], ...]] = {
 #: Default-domain opsets and IR versions every release from FLOOR on reads.
 MAX_OPSET = 21
 MAX_IR_VERSION = 10
-
-
-def version_tuple(v: str) -> tuple[int, ...]:
-    """'1.31.1' -> (1, 31, 1); suffixes ('.dev', '+cu12') are dropped."""
-    out = []
-    for part in str(v).split("."):
-        m = re.match(r"\d+", part)
-        if not m:
-            break
-        out.append(int(m.group()))
-        if m.end() != len(part):
-            break
-    return tuple(out)
 
 
 def _short(v: str) -> str:
