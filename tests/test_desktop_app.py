@@ -201,8 +201,19 @@ def test_type_generate_stream_stop_and_generate_again(window, long_package):
     assert slowest < 2.0, f"the event loop was blocked for {slowest:.2f}s during generation"
 
     stream = app.stream
-    at_click = len(stream.gen.tokens[0])
+    # the count when the Stop handler cancels, not when the test decides to click: on a loaded machine the
+    # generation thread may take several steps while the click's events are delivered
+    seen_at_cancel = []
+    cancel = stream.cancel
+
+    def counting_cancel():
+        seen_at_cancel.append(len(stream.gen.tokens[0]))
+        cancel()
+
+    stream.cancel = counting_cancel
     click(root, app.stop_button)
+    assert seen_at_cancel, "Stop did not cancel the stream"
+    at_click = seen_at_cancel[0]
     pump_until(root, lambda: app.stream is None, 30, "the stream to stop")
     status = app.status_var.get()
     assert status.startswith("Stopped: "), status
