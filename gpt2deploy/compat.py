@@ -91,6 +91,15 @@ def load_error(name: str, message: str, manifest: dict) -> str | None:
     )
 
 
+def graph_ragged_rows(path) -> bool:
+    """Whether the graph at ``path`` takes decode steps whose rows hold different lengths (writers: needs onnx)."""
+    import onnx
+
+    from quant.attention import ragged_rows
+
+    return ragged_rows(onnx.load(str(path), load_external_data=False))
+
+
 def graph_requires(path) -> dict:
     """``{"onnxruntime": "1.xx"}``: the oldest ONNX Runtime that loads the graph at ``path`` (writers: needs onnx)."""
     import onnx

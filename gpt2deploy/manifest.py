@@ -108,11 +108,13 @@ def variant_entry(
     root: Path, name: str, files: list[str], precision: str, opset: int, recipe: dict, providers: list[str], **extra
 ) -> dict:
     """A manifest variant entry with file hashes computed from disk and the runtime its graph needs."""
-    from .compat import graph_requires
+    from .compat import graph_ragged_rows, graph_requires
     from .versions import library_versions
 
     entries = [file_entry(root, f) for f in files]
     extra.setdefault("requires", graph_requires(Path(root) / files[0]))
+    if extra.get("kv_cache") == "shared" and graph_ragged_rows(Path(root) / files[0]):
+        extra.setdefault("ragged_rows", True)
     return {
         "file": files[0],
         "files": entries,

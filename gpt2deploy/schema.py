@@ -167,6 +167,8 @@ class Variant:
     io: dict
     accuracy: dict | None
     requires: dict[str, str] = field(default_factory=dict)
+    #: a decode step may hold rows of different lengths, each from column 0 of an in-place cache
+    ragged_rows: bool = False
 
     @property
     def kv_shared(self) -> bool:
@@ -339,6 +341,9 @@ def parse_variant(name, v, key: str, root: Path, io: dict) -> Variant:
     _int(v.get("opset"), f"{key}.opset", 1, 1000, required=False)
     _str(v.get("note"), f"{key}.note", required=False)
     _bool(v.get("allowed_regression"), f"{key}.allowed_regression")
+    ragged = bool(_bool(v.get("ragged_rows"), f"{key}.ragged_rows"))
+    if ragged and kv != "shared":
+        _fail(f"{key}.ragged_rows", 'is true but kv_cache is not "shared"; rebuild the package')
     return Variant(
         name=name,
         file=file,
@@ -351,6 +356,7 @@ def parse_variant(name, v, key: str, root: Path, io: dict) -> Variant:
         io=own_io,
         accuracy=_accuracy(v.get("accuracy"), f"{key}.accuracy"),
         requires=parse_requires(v.get("requires"), f"{key}.requires"),
+        ragged_rows=ragged,
     )
 
 

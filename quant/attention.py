@@ -399,10 +399,12 @@ def _safe_mask_bias(graph: onnx.GraphProto, index: GraphIndex, name: str, cache:
 
 
 def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str]:
-    """GroupQueryAttention's length inputs, both int32, computed from the shape of ``attention_mask``.
+    """GroupQueryAttention's length inputs, both int32, computed from ``attention_mask``.
 
-    Every row's KV holds the same number of positions (left padding is masked by the bias), so
-    seqlens_k is total - 1 for each row and total_sequence_length is the mask's length.
+    total_sequence_length is the mask's length; seqlens_k of a row is the column of its mask's last 1 (its
+    total length - 1). With left padding (masked by the bias) every row's last column is 1, so that is
+    total - 1 for each row; a row whose positions start at column 0 and end before the last column (a batch
+    of rows of different lengths, padded on the right) attends to, and writes, its own positions only.
     """
     n = lambda s: f"{prefix}_{s}"  # noqa: E731
     if any(n("seqlens_k") in node.output for node in graph.node):
@@ -418,18 +420,34 @@ def _gqa_lengths(graph: onnx.GraphProto, prefix: str) -> tuple[str, str]:
         helper.make_node("Shape", ["attention_mask"], [n("mask_shape")]),
         helper.make_node("Gather", [n("mask_shape"), const("idx1", np.int64(1))], [n("total64")], axis=0),
         helper.make_node("Cast", [n("total64")], [n("total")], to=TensorProto.INT32),
-        helper.make_node("Sub", [n("total"), const("one", np.int32(1))], [n("last")]),
-        helper.make_node(
-            "Slice",
-            [n("mask_shape"), const("s0", np.array([0], np.int64)), const("s1", np.array([1], np.int64))],
-            [n("batch")],
-        ),
-        helper.make_node("Expand", [n("last"), n("batch")], [n("seqlens_k")]),
+        helper.make_node("Cast", ["attention_mask"], [n("mask32")], to=TensorProto.INT32),
+        helper.make_node("Range", [const("zero", np.int32(0)), n("total"), const("one", np.int32(1))], [n("cols")]),
+        helper.make_node("Mul", [n("mask32"), n("cols")], [n("mask_cols")]),
+        # the first maximum of mask x column: the last 1 (0 when only column 0 is set)
+        helper.make_node("ArgMax", [n("mask_cols")], [n("last64")], axis=1, keepdims=0),
+        helper.make_node("Cast", [n("last64")], [n("seqlens_k")], to=TensorProto.INT32),
     ]
     for i, node in enumerate(nodes):
         node.name = f"{prefix}_node{i}"
     insert_nodes(graph, nodes)
     return n("seqlens_k"), n("total")
+
+
+def ragged_rows(model: onnx.ModelProto) -> bool:
+    """True when every GroupQueryAttention takes each row's length from its mask's last 1 (``_gqa_lengths``),
+    so a decode step may hold rows of different lengths, each at the start of its cache (right padding)."""
+    graph = model.graph
+    producer = {o: node for node in graph.node for o in node.output}
+    gqa = [node for node in graph.node if node.op_type == GQA and node.domain == MS_DOMAIN]
+
+    def from_argmax(name: str) -> bool:
+        cast = producer.get(name)
+        if cast is None or cast.op_type != "Cast":
+            return False
+        arg = producer.get(cast.input[0])
+        return arg is not None and arg.op_type == "ArgMax"
+
+    return bool(gqa) and all(len(node.input) > 5 and from_argmax(node.input[5]) for node in gqa)
 
 
 def _shape_range(node: onnx.NodeProto) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gpt2deploy
-from gpt2deploy.runtime.batcher import Batcher, Row, log_softmax
+from gpt2deploy.runtime.batcher import REGROUP_SLACK, Batcher, Row, log_softmax
 
 PROMPTS = [
     "The quick brown fox",
@@ -22,10 +22,15 @@ PROMPTS = [
 BUDGETS = [5, 30, 12, 40, 7, 25, 60, 3]
 
 
-@pytest.fixture(scope="module", params=["shared", "concat"])
+@pytest.fixture(scope="module", params=["ragged", "padded", "concat"])
 def model(request, tiny_package, tiny_portable_package):
-    pkg = tiny_package if request.param == "shared" else tiny_portable_package
-    return gpt2deploy.load(pkg, device="cpu", threads=1)
+    """ragged: rows of different lengths in one in-place cache (the graphs gpt2deploy writes); padded: the same
+    graph driven as packages without ``ragged_rows`` are (rows left-padded to one width); concat: a plain graph."""
+    m = gpt2deploy.load(tiny_package if request.param != "concat" else tiny_portable_package, device="cpu", threads=1)
+    assert m.session.ragged_rows == (request.param == "ragged") or request.param == "padded"
+    if request.param == "padded":
+        m.session.ragged_rows = False
+    return m
 
 
 def _row(b: Batcher, model, prompt: str, **opts) -> Row:
@@ -51,8 +56,9 @@ def test_rows_joining_a_running_batch_equal_their_solo_runs(model, every, chunk)
         b.step()
         steps += 1
         widest = max(widest, len(b.rows))
-        if b.stepper is not None:  # the cache never holds more than the longest row's own positions
-            assert b.stepper.length == max(r.length for r in b.rows)
+        if b.stepper is not None:  # padding columns beyond the longest row's own positions stay bounded
+            longest = max(r.length for r in b.rows)
+            assert longest <= b.stepper.length <= min(longest + REGROUP_SLACK, b.stepper.capacity)
     assert [r.tokens for r in rows] == solo
     assert widest >= 4  # rows really ran together
     assert all(r.reason == "length" for r in rows)
@@ -138,3 +144,36 @@ def test_logprobs_of_generated_and_prompt_tokens(model):
         ref = log_softmax(logits[0, k - 1])
         assert scored[k].logprob == pytest.approx(float(ref[ids[k]]), abs=1e-4)
         assert scored[k].top[0][0] == int(ref.argmax())
+
+
+@pytest.mark.timeout(120, func_only=True)
+@pytest.mark.parametrize("slack", [0, 1000])
+def test_rows_regroup_in_place_through_widening_shrinking_and_a_full_cache(model, monkeypatch, slack):
+    """Slack 0: every leave of the longest row moves all rows left; 1000: the width only grows, until the cache
+    is full and every row moves to the longest's width. A long prompt joining short rows widens them."""
+    import gpt2deploy.runtime.batcher as batcher
+
+    monkeypatch.setattr(batcher, "REGROUP_SLACK", slack)
+    long_prompt = " ".join(["word"] * 50)
+    plan = [("Hi", 100), (long_prompt, 8), ("a b c", 40), (long_prompt + " again", 20), ("x y", 60)]
+    solo = [model.generate_ids([model.encode(p)], max_new_tokens=n, ignore_eos=True).tokens[0] for p, n in plan]
+    b = Batcher(model.session, model.token_bytes, max_rows=3)
+    rows, waiting, steppers, widths = [], list(plan), set(), []
+    while waiting or b.size:
+        if waiting and b.size < 3:
+            p, n = waiting.pop(0)
+            rows.append(_row(b, model, p, max_new_tokens=n, ignore_eos=True))
+            b.add(rows[-1])
+        b.step()
+        if b.stepper is not None:
+            steppers.add(id(b.stepper))
+            widths.append(b.stepper.length)
+    assert [r.tokens for r in rows] == solo
+    capacity = model.dims.n_positions
+    if model.session.kv_shared:
+        assert len(steppers) == 1  # one cache allocation for the whole run: rows moved in place
+        if model.session.ragged_rows:
+            assert max(widths) == max(len(r.ids) + len(r.tokens) - 1 for r in rows)  # no padding, ever
+        elif slack:
+            assert max(widths) == capacity  # the width grew to the end of the cache, then compacted
+    assert max(widths) <= capacity

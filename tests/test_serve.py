@@ -204,6 +204,9 @@ def test_concurrent_greedy_requests_equal_their_solo_output(server, model):
     budgets = [40, 12, 60, 25, 33, 8, 50, 20]
     solo = [model.generate(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, budgets, strict=True)]
     steps_before = server.metric("gpt2deploy_decode_steps_total")
+    rows_before = server.metric("gpt2deploy_decode_rows_total")
+    seconds_before = server.metric("gpt2deploy_decode_seconds_total")
+    prompt_seconds_before = server.metric("gpt2deploy_prompt_seconds_total")
     out: dict[int, str] = {}
     errors: list[BaseException] = []
     go = threading.Barrier(len(prompts))
@@ -229,6 +232,10 @@ def test_concurrent_greedy_requests_equal_their_solo_output(server, model):
     steps = server.metric("gpt2deploy_decode_steps_total") - steps_before
     # alone, the requests would take sum(budget - 1) decode steps; batched they share steps
     assert steps < sum(b - 1 for b in budgets) * 0.75, steps
+    # every token but each sequence's first (from its prompt run) comes from a decode step
+    assert server.metric("gpt2deploy_decode_rows_total") - rows_before == sum(b - 1 for b in budgets)
+    assert server.metric("gpt2deploy_decode_seconds_total") > seconds_before
+    assert server.metric("gpt2deploy_prompt_seconds_total") > prompt_seconds_before
 
 
 @pytest.mark.timeout(120, func_only=True)

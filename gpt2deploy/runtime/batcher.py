@@ -3,11 +3,18 @@
 A new row's prompt runs through the model alone, in chunks of at most ``prefill_chunk`` positions, one
 chunk per step of the running batch (so a long prompt delays the others' next token by one chunk, not by
 the whole prompt); its first token is what it would be alone. At the step boundary after its prompt is
-done the batch is rebuilt: every row's cache is copied, right-aligned, into one left-padded cache
-([rows, heads, width, head_dim], width = the longest row), the attention mask marks each row's own
-positions and each row keeps its own position ids, so every row computes what it computes alone. Rows that
-finished or were cancelled are left out of the rebuild, which also drops the padding columns no remaining
-row needs: the width never exceeds the longest row's own length, so it stays within the model's context.
+done it enters the batch; rows that finished or were cancelled leave it there. Every row computes what it
+computes alone: its own positions, its own mask, its own position ids.
+
+On the CPU with an in-place cache the batch lives in one allocation of ``max_rows`` slots
+([slots, heads, context, head_dim] per tensor, made once): a row keeps its slot while it runs, a row that
+would fall outside the smaller batch moves into a slot a leaving row freed, and a joining row's prompt
+cache is copied into a free slot. Nothing else moves and nothing is reallocated.
+- Graphs with ``ragged_rows`` (the ones gpt2deploy writes) take rows of different lengths in one step: each
+  row's positions start at column 0 of its slot and its attention reads its own positions only.
+- Older in-place graphs need one width for all rows: each row is right-aligned to it (left padding, masked)
+  and the rows move when a longer row joins or when the padding would exceed ``REGROUP_SLACK`` columns.
+- Other graphs (concatenating caches, other devices) rebuild one left-padded cache when the batch changes.
 
 Each row has its own options (temperature, top-k, top-p, repetition penalty, stop strings, token budget),
 its own random generator (seeded rows draw the same numbers as ``generate`` with that seed), its own
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +40,11 @@ from .textstream import IncrementalText, StopMatcher, TokenBytes
 
 #: Positions per run when computing every prompt position's log-probabilities (``prompt_logprobs``).
 PROMPT_LOGPROBS_CHUNK = 128
+
+#: Padding columns a regroup may leave rather than move every row's cache. Every row's attention reads the
+#: full width (masked columns too), so a padding column costs each row a KV read per step; moving all rows
+#: costs about as much as ~10 columns read for the rest of a typical generation.
+REGROUP_SLACK = 16
 
 
 @dataclass
@@ -124,10 +137,17 @@ class Batcher:
     Not thread-safe: one thread (the server's decode loop) drives it.
     """
 
-    def __init__(self, dec: DecoderSession, token_bytes: TokenBytes, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(
+        self, dec: DecoderSession, token_bytes: TokenBytes, prefill_chunk: int = PREFILL_CHUNK, max_rows: int = 8
+    ):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 (got {max_rows})")
         self.dec = dec
+        self.max_rows = max_rows  # cache slots allocated once; more rows than this reallocate
+        # rows of different lengths, each from column 0 of its slot (graphs that take them; else left padding)
+        self.ragged = dec.ragged_rows and dec.kv_shared and dec.device == "cpu"
         self.token_bytes = token_bytes
         self.prefill_chunk = prefill_chunk
         self.vocab = dec.dims.vocab_size
@@ -140,6 +160,9 @@ class Batcher:
         self._serials = itertools.count(1)
         self.rebuilds = 0
         self.decode_steps = 0
+        self.decode_rows = 0  # tokens produced by decode steps (a row's first token comes from its prompt run)
+        self.prompt_seconds = 0.0  # in prompt runs
+        self.decode_seconds = 0.0  # in batch changes and decode steps
 
     # -- membership -------------------------------------------------------------------------
     @property
@@ -209,28 +232,106 @@ class Batcher:
         self._solo.pop(row.serial, None)
 
     def _rebuild(self) -> None:
-        """Drop finished rows, let joining rows in: one left-padded cache holding exactly the live rows."""
+        """Drop finished rows, let joining rows in: the live rows, left-padded to one width."""
         keep = [r for r in self.rows if not r.done]
         new = [r for r in self.joining if not r.done]
         for r in [*self.rows, *self.joining]:
             if r.done:
                 self._forget(r)
         self.joining = []
-        if not new and len(keep) == len(self.rows):
+        st = self.stepper
+        full = st is not None and st.length >= st.capacity
+        if not new and len(keep) == len(self.rows) and not full:
             return
         rows = keep + new
         if not rows:
             self.rows, self.stepper = [], None
             return
+        if st is not None and st.regroupable and len(rows) <= st.slots:
+            self._regroup(keep, new)
+        else:
+            self._rebuild_copy(rows)
+        self.rebuilds += 1
+
+    def _regroup(self, keep: list[Row], new: list[Row]) -> None:
+        """In place, in the running cache's slots: a row that stays keeps its slot, a row beyond the new batch
+        moves into a slot that a leaving row freed, a joining row's prompt cache is copied into a free slot.
+        The width stays (padding columns are masked) unless a joining row needs more, the padding exceeds
+        ``REGROUP_SLACK`` or the cache is full; then every row moves to the width of the longest."""
+        st = self.stepper
+        old_w = st.length
+        slot_of = {r.serial: i for i, r in enumerate(self.rows)}
+        b = len(keep) + len(new)
+        needed = max(r.length for r in [*keep, *new])
+        width = old_w if needed <= old_w < st.capacity and old_w - needed <= REGROUP_SLACK else needed
+        order: list[Row | None] = [None] * b
+        for r in keep:
+            if slot_of[r.serial] < b:
+                order[slot_of[r.serial]] = r
+        free = iter([i for i in range(b) if order[i] is None])
+        for r in [*(r for r in keep if slot_of[r.serial] >= b), *new]:
+            order[next(free)] = r
+        views = st.slot_views()
+        if self.ragged:  # every row from column 0: a row moves only to another slot, never within its own
+            for i, r in enumerate(order):
+                n = r.length
+                if r.serial in slot_of:
+                    if slot_of[r.serial] != i:
+                        for v in views:
+                            v[i, :, :n] = v[slot_of[r.serial], :, :n]
+                else:
+                    src, end = self._solo.pop(r.serial)
+                    for v, s in zip(views, src, strict=True):
+                        v[i, :, :n] = s[0, :, end - n : end]
+            st.regroup_ragged(np.array([r.length for r in order], dtype=np.int64))
+            self.rows = order
+            return
+        mask = np.zeros((b, width), dtype=np.int64)
+        for i, r in enumerate(order):
+            n = r.length
+            if r.serial in slot_of:
+                j = slot_of[r.serial]
+                if j != i or width != old_w:  # a same-slot shift overlaps itself: numpy copies through a buffer
+                    for v in views:
+                        v[i, :, width - n : width] = v[j, :, old_w - n : old_w]
+            else:
+                src, end = self._solo.pop(r.serial)
+                for v, s in zip(views, src, strict=True):
+                    v[i, :, width - n : width] = s[0, :, end - n : end]
+            mask[i, width - n :] = 1
+        st.regroup(mask, np.array([r.length - 1 for r in order], dtype=np.int64))
+        self.rows = order
+
+    def _rebuild_copy(self, rows: list[Row]) -> None:
+        """Into a new cache sized for the live rows (or ``max_rows`` slots when it can regroup later), every row
+        right-aligned to the longest row's width."""
         width = max(r.length for r in rows)
         d = self.dec.dims
         b = len(rows)
-        old_kv = self.stepper.read_kv() if keep else None
-        old_len = self.stepper.length if keep else 0
+        old = self.stepper
+        old_kv = old.read_kv() if old is not None else None
+        old_len = old.length if old is not None else 0
         old_index = {r.serial: i for i, r in enumerate(self.rows)}
-        stepper = KVStepper(self.dec, b, self.dec.dims.n_positions)
-        views = stepper.kv_views(width)  # CPU: rows are copied straight into the new buffers
-        kv = views or [np.zeros((b, d.n_head, width, d.head_dim), stepper.kv_dtype) for _ in self.dec.past_names]
+        regroupable = self.dec.kv_shared and self.dec.device == "cpu"  # what KVStepper.regroupable will say
+        stepper = KVStepper(self.dec, max(b, self.max_rows) if regroupable else b, d.n_positions)
+        if self.ragged:
+            views = stepper.slot_views()
+            for i, r in enumerate(rows):
+                n = r.length
+                if r.serial in old_index:
+                    src, j, end = old.slot_views(), old_index[r.serial], n
+                else:
+                    (src, end), j = self._solo.pop(r.serial), 0
+                for dst, s in zip(views, src, strict=True):
+                    dst[i, :, :n] = s[j, :, end - n : end]
+            stepper.regroup_ragged(np.array([r.length for r in rows], dtype=np.int64))
+            self.stepper, self.rows = stepper, rows
+            return
+        if regroupable:
+            kv = [v[:b, :, :width] for v in stepper.slot_views()]
+        else:
+            views = stepper.kv_views(width)  # CPU: rows are copied straight into the new buffers
+            kv = views or [np.zeros((b, d.n_head, width, d.head_dim), stepper.kv_dtype) for _ in self.dec.past_names]
         mask = np.zeros((b, width), dtype=np.int64)
         for i, r in enumerate(rows):
             n = r.length
@@ -243,22 +344,31 @@ class Batcher:
                 dst[i, :, : width - n] = 0  # masked, but never garbage (0 x NaN is NaN)
                 dst[i, :, width - n :] = s[j, :, end - n : end]
             mask[i, width - n :] = 1
-        stepper.resume(None if views else kv, mask, np.array([r.length - 1 for r in rows], dtype=np.int64))
+        last = np.array([r.length - 1 for r in rows], dtype=np.int64)
+        if regroupable:
+            stepper.regroup(mask, last)
+        else:
+            stepper.resume(None if views else kv, mask, last)
         self.stepper, self.rows = stepper, rows
-        self.rebuilds += 1
 
     # -- steps -------------------------------------------------------------------------------
     def step(self) -> list[Emit]:
         """One chunk of a waiting prompt, then let joining rows in and finished rows out, then one token for
         every row in the batch."""
+        t0 = time.perf_counter()
         emits = self._prefill_some()
+        t1 = time.perf_counter()
+        self.prompt_seconds += t1 - t0
         self._rebuild()
         if not self.rows:
+            self.decode_seconds += time.perf_counter() - t1
             return emits
         tokens = np.array([r.tokens[-1] for r in self.rows], dtype=np.int64)
         logits = self.stepper.step(tokens)
         self.decode_steps += 1
+        self.decode_rows += len(self.rows)
         emits += [self._choose(r, self._state[r.serial], logits[i]) for i, r in enumerate(self.rows)]
+        self.decode_seconds += time.perf_counter() - t1
         return emits
 
     def _choose(self, row: Row, state: _RowState, logits: np.ndarray) -> Emit:

@@ -38,7 +38,8 @@ class _Buffer:
             self.value = ort.OrtValue.ortvalue_from_shape_and_type([max(n, 1)], dtype, "cuda", device_id)
             self.ptr = self.value.data_ptr()
         else:
-            self.value = np.empty(max(n, 1), dtype=dtype)
+            # zeros (lazily mapped, as cheap as empty): a padding column never holds NaN bits (0 x NaN is NaN)
+            self.value = np.zeros(max(n, 1), dtype=dtype)
             self.ptr = self.value.ctypes.data
 
 
@@ -85,6 +86,7 @@ class KVStepper:
     def __init__(self, dec: DecoderSession, batch: int, capacity: int):
         self.dec = dec
         self.batch = batch
+        self.slots = batch  # rows the buffers hold; ``regroup`` runs any first ``batch`` <= slots of them
         self.capacity = capacity
         d = dec.dims
         self.kv_shape = (batch, d.n_head, d.head_dim)
@@ -108,6 +110,7 @@ class KVStepper:
         self.io = dec.session.io_binding()
         self.length = 0
         self.prefill_length = 0
+        self.lengths: np.ndarray | None = None  # per row, when rows of different lengths share a step
         self.cur = 0
         self.run_seconds = 0.0  # time spent inside session.run for decode steps
         self._bind_in, self._bind_out = _binders(self.io, self.device, self.device_id)
@@ -165,7 +168,7 @@ class KVStepper:
         self.mask[:, :seq] = mask
         self.mask[:, seq:] = 1
         pos = positions_from_mask(mask)
-        self.cur, self.length = 0, 0
+        self.cur, self.length, self.lengths = 0, 0, None
         if self.shared:
             self._bind_shared()
         if self.dec.keeps_logits:  # only the last position is projected onto the vocabulary
@@ -231,6 +234,8 @@ class KVStepper:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row; returns logits [batch, vocab] (a reused buffer)."""
+        if self.lengths is not None:
+            return self._step_ragged(tokens)
         n = self.length
         if n >= self.capacity:
             raise ValueError("the KV cache is full")
@@ -277,6 +282,87 @@ class KVStepper:
         width = self.capacity if self.shared else n
         return [buf.value[: b * h * width * d].reshape(b, h, width, d)[:, :, :n] for buf in self.sets[0]]
 
+    @property
+    def regroupable(self) -> bool:
+        """True when rows can be moved, added and dropped in place (an in-place cache on the CPU)."""
+        return self.shared and self.device == "cpu"
+
+    def slot_views(self) -> list[np.ndarray]:
+        """In-place CPU cache: a writable [slots, heads, capacity, head_dim] view of every buffer. A row's slot
+        is at the same address whatever the batch size, so rows can be rearranged here without reallocating."""
+        if not self.regroupable:
+            raise ValueError("only an in-place cache on the CPU has slots")
+        _, h, d = self.kv_shape
+        return [
+            buf.value[: self.slots * h * self.capacity * d].reshape(self.slots, h, self.capacity, d)
+            for buf in self.sets[0]
+        ]
+
+    def regroup(self, mask: np.ndarray, last_pos: np.ndarray) -> None:
+        """In-place CPU cache: continue with the first ``mask.shape[0]`` slots, whose positions the caller has
+        arranged in ``slot_views()`` (right-aligned to ``mask.shape[1]`` columns), ``mask`` [batch, width] and
+        the last position per row. Nothing is allocated but the [batch, vocab] logits."""
+        b = mask.shape[0]
+        if not self.regroupable or not 1 <= b <= self.slots:
+            raise ValueError("rows do not fit the slots of this cache")
+        if b != self.batch:
+            _, h, d = self.kv_shape
+            self.batch, self.kv_shape = b, (b, h, d)
+            self.mask = np.ones((b, self.capacity), dtype=np.int64)
+            self.ids = np.zeros((b, 1), dtype=np.int64)
+            self.pos = np.zeros((b, 1), dtype=np.int64)
+            self.logits = np.empty((b, 1, self.logits.shape[-1]), dtype=self.logits_dtype)
+            self._bind_host("input_ids", self.ids)
+            self._bind_host("position_ids", self.pos)
+        self.resume(None, mask, last_pos)
+
+    def regroup_ragged(self, lengths: np.ndarray) -> None:
+        """In-place CPU cache of a ``ragged_rows`` graph: continue with the first ``len(lengths)`` slots, row i
+        holding ``lengths[i]`` positions from column 0 (arranged by the caller in ``slot_views()``). Each step
+        then feeds every row at its own position and attends to its own positions only: no row is padded to
+        another's length, so the step reads each row's cache and nothing more."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        b = lengths.shape[0]
+        if not self.regroupable or not self.dec.ragged_rows or not 1 <= b <= self.slots:
+            raise ValueError("rows do not fit the slots of this cache, or its graph takes no ragged rows")
+        if int(lengths.max()) >= self.capacity or int(lengths.min()) < 1:
+            raise ValueError("row lengths must be within 1..capacity - 1")
+        _, h, d = self.kv_shape
+        self.batch, self.kv_shape = b, (b, h, d)
+        self.ids = np.zeros((b, 1), dtype=np.int64)
+        self.pos = np.zeros((b, 1), dtype=np.int64)
+        self.logits = np.empty((b, 1, self.logits.shape[-1]), dtype=self.logits_dtype)
+        self.lengths = lengths.copy()
+        self._cols = np.arange(self.capacity, dtype=np.int64)
+        self.cur = 0
+        self.length = self.prefill_length = int(lengths.max())
+        self._bind_shared()
+        self._bind_host("input_ids", self.ids)
+        self._bind_host("position_ids", self.pos)
+        if self.dec.keeps_logits:
+            self._bind_host(LOGITS_TO_KEEP, self._one)
+        self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+
+    def _step_ragged(self, tokens: np.ndarray) -> np.ndarray:
+        lengths = self.lengths
+        total = int(lengths.max()) + 1
+        if total > self.capacity:
+            raise ValueError("the KV cache is full")
+        self.ids[:, 0] = tokens
+        self.pos[:, 0] = lengths  # a row's new position follows its own
+        # row i: its positions and the new one (columns 0..lengths[i]); GroupQueryAttention takes the row's
+        # length from the mask's last 1 and writes the new position there
+        mask = (self._cols[None, :total] <= lengths[:, None]).astype(np.int64)
+        self._mask_ref = mask
+        self._bind_host("attention_mask", mask)
+        t = time.perf_counter()
+        self.dec.session.run_with_iobinding(self.io)
+        self.run_seconds += time.perf_counter() - t
+        lengths += 1
+        self.length = total
+        logits = self.logits[:, 0, :]
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
     def resume(self, kv: list[np.ndarray] | None, mask: np.ndarray, last_pos: np.ndarray) -> None:
         """Make this stepper continue rows whose cache is ``kv`` ([batch, heads, n, head_dim] per tensor;
         None: already written into ``kv_views(n)``), ``mask`` [batch, n] and last position per row: the next
@@ -294,6 +380,7 @@ class KVStepper:
             else:
                 buf.value[: b * h * width * d].reshape(b, h, width, d)[:, :, :n] = arr
         self.cur, self.length, self.prefill_length = 0, n, n
+        self.lengths = None
         self.mask[:, :n] = mask
         self.mask[:, n:] = 1
         self.pos[:, 0] = last_pos
@@ -311,8 +398,8 @@ class KVStepper:
         """
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         n, t = self.length, tokens.shape[1]
-        if not self.shared or tokens.shape[0] != self.batch:
-            raise ValueError("multi-token steps need an in-place cache and one row of tokens per batch row")
+        if not self.shared or tokens.shape[0] != self.batch or self.lengths is not None:
+            raise ValueError("multi-token steps need an in-place cache, rows of one length, one row of tokens each")
         if n + t > self.capacity:
             raise ValueError("the KV cache is full")
         pos = np.ascontiguousarray(self.pos + np.arange(1, t + 1, dtype=np.int64))

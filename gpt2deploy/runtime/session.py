@@ -48,6 +48,7 @@ class DecoderSession:
         self.output_names = ["logits", *self.present_names]
         self._check_graph(spec.file)
         self.kv_shared = spec.kv_shared
+        self.ragged_rows = spec.ragged_rows  # rows of different lengths in one decode step (see ``batcher``)
         #: GroupQueryAttention in the portable (1.22) input schema runs a multi-token step with past for batch 1
         #: only; graphs written with per-row query lengths (onnxruntime >= 1.32) run it for any batch.
         need = spec.requires.get("onnxruntime") or "0"

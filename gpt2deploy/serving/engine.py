@@ -98,7 +98,7 @@ class Engine:
         self.max_queue = max_queue
         self.model_id = model_id or model.package.root.name
         self.metrics = Metrics()
-        self.batcher = Batcher(model.session, model.token_bytes, prefill_chunk)
+        self.batcher = Batcher(model.session, model.token_bytes, prefill_chunk, max_rows=max_batch)
         self._pending: collections.deque = collections.deque()  # (handle, index)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -233,14 +233,22 @@ class Engine:
                 else:
                     while self._pending and b.size + len(admit) < self.max_batch:
                         admit.append(self._pending.popleft())
-            steps = b.decode_steps
+            steps, rows, prompt_s, decode_s = b.decode_steps, b.decode_rows, b.prompt_seconds, b.decode_seconds
             try:
                 cancelled = self._iteration(admit, late)
             except Exception as e:  # a failing run must not leave requests hanging
                 self._fail_all(f"generation failed: {_one_line(e)}")
                 cancelled = 0
             with self._cond:
-                self.metrics.loop_state(len(self._pending), b.size, b.decode_steps - steps, cancelled)
+                self.metrics.loop_state(
+                    len(self._pending),
+                    b.size,
+                    b.decode_steps - steps,
+                    cancelled,
+                    b.decode_rows - rows,
+                    b.prompt_seconds - prompt_s,
+                    b.decode_seconds - decode_s,
+                )
         with self._cond:
             self.metrics.loop_state(0, 0)
 
