@@ -108,11 +108,12 @@ def recipe_copy(pkg: Path, name: str, say, mode: str = "int4", **options) -> Pat
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in pkg.rglob("*"):  # fp32 graph and shared files linked, not copied
+    # fp32 graph and shared files copied: a package refuses symlinks out of it, onnx hard-linked external data
+    for f in pkg.rglob("*"):
         if f.is_file() and "_int" not in f.name and "_q4" not in f.name:
             dst = tmp / f.relative_to(pkg)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copy2 if f.name in ("manifest.json",) else lambda a, b: Path(b).symlink_to(a))(f, dst)
+            shutil.copy2(f, dst)
     say(f"quantizing {mode} {options} into {out}")
     try:
         quantize_package(tmp, mode, force=True, **options)

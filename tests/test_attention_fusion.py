@@ -173,22 +173,25 @@ def test_mask_bias_fill_is_finite_in_half_precision(graphs_a):
 
 
 def test_optimize_pipeline_fuses_attention_by_default(graphs_a):
+    from quant.attention import ragged_rows
     from quant.optimize import optimize
 
     model, report = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden)
     assert report.fused.get("GroupQueryAttention") == graphs_a.n_layer
     assert report.steps["attention"]["fused"] == graphs_a.n_layer
     assert report.kv_cache == "shared"
+    assert ragged_rows(model)  # each row's length from its mask's last 1: rows of different lengths in a step
     assert _io(model) == _io(graphs_a.raw)
     mha, report = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden, attention_op=MHA)
     assert report.fused.get("MultiHeadAttention") == graphs_a.n_layer and report.kv_cache == "concat"
+    assert not ragged_rows(mha) and not ragged_rows(graphs_a.raw)
     _, off = optimize(graphs_a.raw, graphs_a.n_head, graphs_a.hidden, fuse_attention=False)
     assert "MultiHeadAttention" not in off.fused and "attention" not in off.steps and off.kv_cache == "concat"
 
 
 def test_optimize_is_idempotent_and_retargets(graphs_a):
     """Optimizing an optimized graph keeps it; asking for the other op swaps the fused nodes exactly."""
-    from quant.attention import kv_cache_mode, retarget
+    from quant.attention import kv_cache_mode, ragged_rows, retarget
     from quant.optimize import optimize
 
     g = graphs_a
@@ -199,7 +202,7 @@ def test_optimize_is_idempotent_and_retargets(graphs_a):
     assert report.steps["attention"]["retargeted"] == g.n_layer and report.kv_cache == "concat"
     assert "GroupQueryAttention" not in Counter(n.op_type for n in mha.graph.node)
     back, n = retarget(mha, GQA)
-    assert n == g.n_layer and kv_cache_mode(back) == "shared"
+    assert n == g.n_layer and kv_cache_mode(back) == "shared" and ragged_rows(back)
     ids = np.array([[5, 6, 7, 8], [0, 0, 9, 10]], np.int64)
     mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], np.int64)
     ref = _session(g.raw).run(None, _feed(g, ids, mask))[0]
