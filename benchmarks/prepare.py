@@ -60,12 +60,36 @@ def checkpoint_key(ckpt: Path) -> str:
     return h.hexdigest()[:10]
 
 
+#: The code that writes a package's graphs: a change to it makes the harness build the package again.
+GRAPH_CODE = (
+    "exporters/*.py",
+    "quant/*.py",
+    "gpt2deploy/exporting.py",
+    "gpt2deploy/quantiz*.py",
+    "gpt2deploy/manifest.py",
+)
+
+
+def graph_code_key() -> str:
+    """Short key of the source that writes graphs (``GRAPH_CODE``)."""
+    h = hashlib.sha256()
+    for pattern in GRAPH_CODE:
+        for f in sorted(ROOT.glob(pattern)):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:6]
+
+
+def package_dir(ckpt: Path) -> Path:
+    """Where the harness keeps the gpt2deploy package of ``ckpt``, named by the checkpoint and the graph code."""
+    return WORK / f"pkg-{checkpoint_key(ckpt)}-{graph_code_key()}"
+
+
 def gpt2deploy_package(ckpt: Path, variants: list[str], say=print) -> tuple[Path | None, dict]:
     """Export + quantize. Returns (package, {variant: reason}) with a reason for each variant that failed."""
     from gpt2deploy.package import Package
 
-    work = WORK / f"pkg-{checkpoint_key(ckpt)}"
-    log = WORK / f"pkg-{checkpoint_key(ckpt)}.log"
+    work = package_dir(ckpt)
+    log = work.with_name(work.name + ".log")
     failed: dict[str, str] = {}
     if not (work / "manifest.json").is_file():
         say(f"exporting {ckpt} -> {work} (log {log})")

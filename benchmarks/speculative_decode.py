@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         ),
     ]
     ckpt = prepare.WORK / "gpt2-small-random"
-    small = prepare.WORK / f"pkg-{prepare.checkpoint_key(ckpt)}" if (ckpt / "config.json").is_file() else None
+    small = prepare.package_dir(ckpt) if (ckpt / "config.json").is_file() else None
     if small is not None and (small / "manifest.json").is_file():
         cost = verify_cost(small, a.threads, a.repeat)
         if cost:
