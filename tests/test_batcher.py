@@ -177,3 +177,25 @@ def test_rows_regroup_in_place_through_widening_shrinking_and_a_full_cache(model
         elif slack:
             assert max(widths) == capacity  # the width grew to the end of the cache, then compacted
     assert max(widths) <= capacity
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_prompt_chunks_only_while_rows_wait_for_tokens(model):
+    """With nothing decoding, a prompt runs in one go; while a row decodes, in ``prefill_chunk`` pieces."""
+    b = Batcher(model.session, model.token_bytes, prefill_chunk=4)
+    first = _row(b, model, "a b c d e f g h i j k l m n o p", max_new_tokens=30, ignore_eos=True)
+    assert len(first.ids) > 8
+    b.add(first)
+    b.step()
+    assert b.rows == [first] and len(first.tokens) == 2  # prompt whole, then its first decode step
+    second = _row(b, model, "q r s t u v w x y z", max_new_tokens=5, ignore_eos=True)
+    b.add(second)
+    steps = 0
+    while second not in b.rows:
+        b.step()
+        steps += 1
+    assert steps == -(-len(second.ids) // 4)  # one 4-position chunk per step of the running row
+    while b.size:
+        b.step()
+    alone = model.generate_ids([model.encode("q r s t u v w x y z")], max_new_tokens=5, ignore_eos=True)
+    assert second.tokens == alone.tokens[0]

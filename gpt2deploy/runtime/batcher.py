@@ -2,7 +2,8 @@
 
 A new row's prompt runs through the model alone, in chunks of at most ``prefill_chunk`` positions, one
 chunk per step of the running batch (so a long prompt delays the others' next token by one chunk, not by
-the whole prompt); its first token is what it would be alone. At the step boundary after its prompt is
+the whole prompt); while no row waits for a token it runs in the runtime's larger chunks. Its first token is
+what it would be alone. At the step boundary after its prompt is
 done it enters the batch; rows that finished or were cancelled leave it there. Every row computes what it
 computes alone: its own positions, its own mask, its own position ids.
 
@@ -194,7 +195,10 @@ class Batcher:
             return []
         p = self.prefilling[0]
         row, n = p.row, len(p.row.ids)
-        part = row.ids[p.done : p.done + self.prefill_chunk]
+        # chunks only bound how long rows waiting for their next token wait; with none, the prompt runs in the
+        # runtime's own chunks (faster, and the first token sooner)
+        idle = all(r.done for r in (*self.rows, *self.joining))
+        part = row.ids[p.done : p.done + (max(self.prefill_chunk, PREFILL_CHUNK) if idle else self.prefill_chunk)]
         mask = np.ones((1, p.done + len(part)), dtype=np.int64)
         logits, p.past = self.dec.forward(np.asarray([part], dtype=np.int64), mask, past=p.past, logits_to_keep=1)
         p.done += len(part)
