@@ -263,11 +263,8 @@ class Batcher:
         The width stays (padding columns are masked) unless a joining row needs more, the padding exceeds
         ``REGROUP_SLACK`` or the cache is full; then every row moves to the width of the longest."""
         st = self.stepper
-        old_w = st.length
         slot_of = {r.serial: i for i, r in enumerate(self.rows)}
         b = len(keep) + len(new)
-        needed = max(r.length for r in [*keep, *new])
-        width = old_w if needed <= old_w < st.capacity and old_w - needed <= REGROUP_SLACK else needed
         order: list[Row | None] = [None] * b
         for r in keep:
             if slot_of[r.serial] < b:
@@ -275,21 +272,13 @@ class Batcher:
         free = iter([i for i in range(b) if order[i] is None])
         for r in [*(r for r in keep if slot_of[r.serial] >= b), *new]:
             order[next(free)] = r
-        views = st.slot_views()
-        if self.ragged:  # every row from column 0: a row moves only to another slot, never within its own
-            for i, r in enumerate(order):
-                n = r.length
-                if r.serial in slot_of:
-                    if slot_of[r.serial] != i:
-                        for v in views:
-                            v[i, :, :n] = v[slot_of[r.serial], :, :n]
-                else:
-                    src, end = self._solo.pop(r.serial)
-                    for v, s in zip(views, src, strict=True):
-                        v[i, :, :n] = s[0, :, end - n : end]
-            st.regroup_ragged(np.array([r.length for r in order], dtype=np.int64))
-            self.rows = order
+        if self.ragged:
+            self._place_ragged(st, order, st, slot_of)
             return
+        old_w = st.length
+        needed = max(r.length for r in order)
+        width = old_w if needed <= old_w < st.capacity and old_w - needed <= REGROUP_SLACK else needed
+        views = st.slot_views()
         mask = np.zeros((b, width), dtype=np.int64)
         for i, r in enumerate(order):
             n = r.length
@@ -306,6 +295,26 @@ class Batcher:
         st.regroup(mask, np.array([r.length - 1 for r in order], dtype=np.int64))
         self.rows = order
 
+    def _place_ragged(self, stepper: KVStepper, order: list[Row], old: KVStepper | None, slot_of: dict) -> None:
+        """Rows of ``order`` into slots 0.. of ``stepper``, each from column 0: a running row from its slot
+        ``slot_of[serial]`` of ``old`` (nothing to do when that is the same slot of the same cache), a joining
+        row from its prompt cache; then ``stepper`` runs them."""
+        views = stepper.slot_views()
+        src = views if old is stepper else old.slot_views() if old is not None else []
+        for i, r in enumerate(order):
+            n = r.length
+            if r.serial in slot_of:
+                j = slot_of[r.serial]
+                if j != i or old is not stepper:
+                    for v, s in zip(views, src, strict=True):
+                        v[i, :, :n] = s[j, :, :n]
+            else:
+                prompt, end = self._solo.pop(r.serial)
+                for v, s in zip(views, prompt, strict=True):
+                    v[i, :, :n] = s[0, :, end - n : end]
+        stepper.regroup_ragged(np.array([r.length for r in order], dtype=np.int64))
+        self.stepper, self.rows = stepper, order
+
     def _rebuild_copy(self, rows: list[Row]) -> None:
         """Into a new cache sized for the live rows (or ``max_rows`` slots when it can regroup later), every row
         right-aligned to the longest row's width."""
@@ -313,24 +322,14 @@ class Batcher:
         d = self.dec.dims
         b = len(rows)
         old = self.stepper
-        old_kv = old.read_kv() if old is not None else None
-        old_len = old.length if old is not None else 0
         old_index = {r.serial: i for i, r in enumerate(self.rows)}
         regroupable = self.dec.kv_shared and self.dec.device == "cpu"  # what KVStepper.regroupable will say
         stepper = KVStepper(self.dec, max(b, self.max_rows) if regroupable else b, d.n_positions)
         if self.ragged:
-            views = stepper.slot_views()
-            for i, r in enumerate(rows):
-                n = r.length
-                if r.serial in old_index:
-                    src, j, end = old.slot_views(), old_index[r.serial], n
-                else:
-                    (src, end), j = self._solo.pop(r.serial), 0
-                for dst, s in zip(views, src, strict=True):
-                    dst[i, :, :n] = s[j, :, end - n : end]
-            stepper.regroup_ragged(np.array([r.length for r in rows], dtype=np.int64))
-            self.stepper, self.rows = stepper, rows
+            self._place_ragged(stepper, rows, old, old_index)
             return
+        old_kv = old.read_kv() if old is not None else None
+        old_len = old.length if old is not None else 0
         if regroupable:
             kv = [v[:b, :, :width] for v in stepper.slot_views()]
         else:

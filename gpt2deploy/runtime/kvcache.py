@@ -305,16 +305,30 @@ class KVStepper:
         b = mask.shape[0]
         if not self.regroupable or not 1 <= b <= self.slots:
             raise ValueError("rows do not fit the slots of this cache")
-        if b != self.batch:
-            _, h, d = self.kv_shape
-            self.batch, self.kv_shape = b, (b, h, d)
-            self.mask = np.ones((b, self.capacity), dtype=np.int64)
-            self.ids = np.zeros((b, 1), dtype=np.int64)
-            self.pos = np.zeros((b, 1), dtype=np.int64)
-            self.logits = np.empty((b, 1, self.logits.shape[-1]), dtype=self.logits_dtype)
-            self._bind_host("input_ids", self.ids)
-            self._bind_host("position_ids", self.pos)
+        self._set_batch(b)
         self.resume(None, mask, last_pos)
+
+    def _set_batch(self, b: int) -> None:
+        """Batch-sized inputs and logits for ``b`` rows (bound by ``_rebind``); the KV buffers keep their slots."""
+        if b == self.batch:
+            return
+        _, h, d = self.kv_shape
+        self.batch, self.kv_shape = b, (b, h, d)
+        self.mask = np.ones((b, self.capacity), dtype=np.int64)
+        self.ids = np.zeros((b, 1), dtype=np.int64)
+        self.pos = np.zeros((b, 1), dtype=np.int64)
+        self.logits = np.empty((b, 1, self.logits.shape[-1]), dtype=self.logits_dtype)
+
+    def _rebind(self, length: int) -> None:
+        """After the rows changed: ``length`` positions held; inputs, caches and logits bound again."""
+        self.cur, self.length, self.prefill_length = 0, length, length
+        self._bind_host("input_ids", self.ids)
+        self._bind_host("position_ids", self.pos)
+        if self.shared:
+            self._bind_shared()
+        if self.dec.keeps_logits:
+            self._bind_host(LOGITS_TO_KEEP, self._one)
+        self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
 
     def regroup_ragged(self, lengths: np.ndarray) -> None:
         """In-place CPU cache of a ``ragged_rows`` graph: continue with the first ``len(lengths)`` slots, row i
@@ -327,21 +341,9 @@ class KVStepper:
             raise ValueError("rows do not fit the slots of this cache, or its graph takes no ragged rows")
         if int(lengths.max()) >= self.capacity or int(lengths.min()) < 1:
             raise ValueError("row lengths must be within 1..capacity - 1")
-        _, h, d = self.kv_shape
-        self.batch, self.kv_shape = b, (b, h, d)
-        self.ids = np.zeros((b, 1), dtype=np.int64)
-        self.pos = np.zeros((b, 1), dtype=np.int64)
-        self.logits = np.empty((b, 1, self.logits.shape[-1]), dtype=self.logits_dtype)
+        self._set_batch(b)
         self.lengths = lengths.copy()
-        self._cols = np.arange(self.capacity, dtype=np.int64)
-        self.cur = 0
-        self.length = self.prefill_length = int(lengths.max())
-        self._bind_shared()
-        self._bind_host("input_ids", self.ids)
-        self._bind_host("position_ids", self.pos)
-        if self.dec.keeps_logits:
-            self._bind_host(LOGITS_TO_KEEP, self._one)
-        self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+        self._rebind(int(lengths.max()))
 
     def _step_ragged(self, tokens: np.ndarray) -> np.ndarray:
         lengths = self.lengths
@@ -352,7 +354,7 @@ class KVStepper:
         self.pos[:, 0] = lengths  # a row's new position follows its own
         # row i: its positions and the new one (columns 0..lengths[i]); GroupQueryAttention takes the row's
         # length from the mask's last 1 and writes the new position there
-        mask = (self._cols[None, :total] <= lengths[:, None]).astype(np.int64)
+        mask = (np.arange(total, dtype=np.int64)[None, :] <= lengths[:, None]).astype(np.int64)
         self._mask_ref = mask
         self._bind_host("attention_mask", mask)
         t = time.perf_counter()
@@ -379,16 +381,11 @@ class KVStepper:
                 buf.value.update_inplace(host)
             else:
                 buf.value[: b * h * width * d].reshape(b, h, width, d)[:, :, :n] = arr
-        self.cur, self.length, self.prefill_length = 0, n, n
         self.lengths = None
         self.mask[:, :n] = mask
         self.mask[:, n:] = 1
         self.pos[:, 0] = last_pos
-        if self.shared:
-            self._bind_shared()
-        if self.dec.keeps_logits:
-            self._bind_host(LOGITS_TO_KEEP, self._one)
-        self._bind_out("logits", "cpu", self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+        self._rebind(n)
 
     # -- multi-token steps with past and rollback (speculative decoding, see ``speculative``) ------------
     def extend(self, tokens: np.ndarray) -> np.ndarray:
