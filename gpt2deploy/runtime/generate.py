@@ -85,6 +85,27 @@ def fit_context(
     return rows, dropped, opts
 
 
+def eos_mask(opts: GenerationOptions, vocab: int) -> np.ndarray | None:
+    """[vocab] bool, True at the end-of-sequence ids of ``opts``; None when there are none."""
+    ids = [t for t in opts.eos_ids if 0 <= t < vocab]
+    if not ids:
+        return None
+    mask = np.zeros(vocab, dtype=bool)
+    mask[ids] = True
+    return mask
+
+
+@dataclass
+class DecodeClock:
+    """When a decoding loop started, allocated, yielded its first token, and how long the caller held it."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    t_alloc: float | None = None
+    t_prefill: float | None = None
+    t_first: float | None = None
+    paused: float = 0.0  # time the caller spent between steps (decoding text, printing): not generation time
+
+
 class Generation:
     """Iterate to advance: each step yields the new token per row (int64 [batch]) and which rows took one.
 
@@ -114,65 +135,46 @@ class Generation:
             self.active[row] = False
             self.reasons[row] = reason
 
-    def __iter__(self):
-        o = self.opts
-        ids, mask = left_pad(self.rows, o.pad_token_id)
-        t0 = time.perf_counter()
-        stepper = self.stepper or KVStepper(self.dec, self.batch, self.capacity)
-        t_alloc = time.perf_counter()
-        logits = stepper.prefill(ids, mask)
-        rng = np.random.default_rng(o.seed) if o.do_sample else None
-        seen = SeenTokens(self.rows, self.dec.dims.vocab_size, self.capacity) if o.repetition_penalty != 1.0 else None
-        is_eos = np.zeros(self.dec.dims.vocab_size, dtype=bool)
-        is_eos[[t for t in o.eos_ids if 0 <= t < is_eos.shape[0]]] = True
-        check_eos = bool(is_eos.any())
-        pad = np.int64(o.pad_token_id)
-        live = np.arange(self.batch)  # the rows the stepper computes, in its order
-        shrinks = 0
-        steps = 0
-        paused = 0.0  # time the caller spent between steps (decoding text, printing): not generation time
-        t_prefill = t_first = None
-        for produced in range(o.max_new_tokens):
-            if live.size == self.batch:
-                nxt = choose(logits, o, rng, seen)
-            else:
-                nxt = np.full(self.batch, pad, dtype=np.int64)
-                nxt[live] = choose(logits, o, rng, None if seen is None else _LiveRows(seen, live))
-            took = self.active.copy()
-            if not took.all():
-                nxt[~took] = pad
-            for r in np.flatnonzero(took):
-                self.tokens[r].append(int(nxt[r]))
-                if seen is not None:
-                    seen.add(r, int(nxt[r]))
-            if check_eos:
-                for r in np.flatnonzero(took & is_eos[nxt]):
-                    self.finish(int(r), "eos")
-            if produced + 1 == o.max_new_tokens:
-                for r in np.flatnonzero(self.active):
-                    self.finish(int(r), "length")
-            if t_prefill is None:
-                t_prefill = time.perf_counter()
-            t_yield = time.perf_counter()
-            yield nxt, took
-            if t_first is None:
-                t_first = time.perf_counter()
-            else:
-                paused += time.perf_counter() - t_yield
-            if not self.active.any():
-                break
-            still = self.active[live]
-            if not still.all() and stepper.keep_rows(np.flatnonzero(still)):
-                live, shrinks = live[still], shrinks + 1
-            logits = stepper.step(nxt[live])
-            steps += 1
-        t_end = time.perf_counter()
-        decode_s = max(0.0, t_end - t_first - paused) if steps else 0.0
+    # -- the bookkeeping every decoding loop shares (``__iter__`` here, ``speculative``) --------------------
+    def _take(self, nxt: np.ndarray, pad, is_eos: np.ndarray | None, last: bool, seen=None) -> np.ndarray:
+        """Record ``nxt`` (one token per row; ``pad`` put in for finished rows), finish rows at an EOS token
+        (``is_eos``: a vocabulary mask, None when there is none) and, on the ``last`` token, at the budget.
+        Returns which rows took a token."""
+        took = self.active.copy()
+        if not took.all():
+            nxt[~took] = pad
+        for r in np.flatnonzero(took):
+            self.tokens[r].append(int(nxt[r]))
+            if seen is not None:
+                seen.add(r, int(nxt[r]))
+        if is_eos is not None:
+            for r in np.flatnonzero(took & is_eos[nxt]):
+                self.finish(int(r), "eos")
+        if last:
+            for r in np.flatnonzero(self.active):
+                self.finish(int(r), "length")
+        return took
+
+    def _yield(self, nxt: np.ndarray, took: np.ndarray, clock: DecodeClock):
+        """Hand one step to the caller; the time the caller keeps it is not generation time."""
+        if clock.t_prefill is None:
+            clock.t_prefill = time.perf_counter()
+        t_yield = time.perf_counter()
+        yield nxt, took
+        if clock.t_first is None:
+            clock.t_first = time.perf_counter()
+        else:
+            clock.paused += time.perf_counter() - t_yield
+
+    def _record_timings(
+        self, clock: DecodeClock, steps: int, stepper: KVStepper, mask: np.ndarray, shrinks: int, **extra
+    ) -> None:
+        decode_s = max(0.0, time.perf_counter() - clock.t_first - clock.paused) if steps else 0.0
         new_tokens = sum(len(t) for t in self.tokens)
         decode_tokens = new_tokens - self.batch  # the first token of each row comes from the prefill
         self.timings = {
-            "setup_seconds": t_alloc - t0,
-            "prefill_seconds": t_prefill - t_alloc,
+            "setup_seconds": clock.t_alloc - clock.t0,
+            "prefill_seconds": clock.t_prefill - clock.t_alloc,
             "decode_seconds": decode_s,
             "decode_steps": steps,
             "decode_run_seconds": stepper.run_seconds,
@@ -182,7 +184,39 @@ class Generation:
             "batch_shrinks": shrinks,
             "decode_tokens_per_second": (decode_tokens / decode_s) if decode_s > 0 else None,
             "overhead_ms_per_step": ((decode_s - stepper.run_seconds) / steps * 1e3) if steps else None,
+            **extra,
         }
+
+    def __iter__(self):
+        o = self.opts
+        ids, mask = left_pad(self.rows, o.pad_token_id)
+        clock = DecodeClock()
+        stepper = self.stepper or KVStepper(self.dec, self.batch, self.capacity)
+        clock.t_alloc = time.perf_counter()
+        logits = stepper.prefill(ids, mask)
+        rng = np.random.default_rng(o.seed) if o.do_sample else None
+        seen = SeenTokens(self.rows, self.dec.dims.vocab_size, self.capacity) if o.repetition_penalty != 1.0 else None
+        is_eos = eos_mask(o, self.dec.dims.vocab_size)
+        pad = np.int64(o.pad_token_id)
+        live = np.arange(self.batch)  # the rows the stepper computes, in its order
+        shrinks = 0
+        steps = 0
+        for produced in range(o.max_new_tokens):
+            if live.size == self.batch:
+                nxt = choose(logits, o, rng, seen)
+            else:
+                nxt = np.full(self.batch, pad, dtype=np.int64)
+                nxt[live] = choose(logits, o, rng, None if seen is None else _LiveRows(seen, live))
+            took = self._take(nxt, pad, is_eos, produced + 1 == o.max_new_tokens, seen)
+            yield from self._yield(nxt, took, clock)
+            if not self.active.any():
+                break
+            still = self.active[live]
+            if not still.all() and stepper.keep_rows(np.flatnonzero(still)):
+                live, shrinks = live[still], shrinks + 1
+            logits = stepper.step(nxt[live])
+            steps += 1
+        self._record_timings(clock, steps, stepper, mask, shrinks)
 
     def result(self) -> GenerationResult:
         return GenerationResult(

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
-from .generate import Generation, left_pad
+from .generate import DecodeClock, Generation, eos_mask, left_pad
 from .kvcache import KVStepper
 from .options import GenerationOptions
 from .sampling import choose
@@ -256,42 +256,24 @@ class SpeculativeGeneration(Generation):
         o = self.opts
         ids, mask = left_pad(self.rows, o.pad_token_id)
         self._seq[:, : self._width] = ids
-        t0 = time.perf_counter()
+        clock = DecodeClock()
         stepper = self.stepper or KVStepper(self.dec, self.batch, self.capacity)
-        t_alloc = time.perf_counter()
+        clock.t_alloc = time.perf_counter()
         logits = stepper.prefill(ids, mask)
         self.proposer.start(self, ids, mask)
-        is_eos = np.zeros(self.dec.dims.vocab_size, dtype=bool)
-        is_eos[[t for t in o.eos_ids if 0 <= t < is_eos.shape[0]]] = True
+        is_eos = eos_mask(o, self.dec.dims.vocab_size)
         pad = np.int64(o.pad_token_id)
         new = choose(logits, o, None, None)[:, None]  # [batch, tokens decided this round]
         self._decide(new)
         stats = self.stats
         k, misses, paused_rounds = self.K_START, 0, 0
         produced = steps = 0
-        paused = 0.0
-        t_prefill = t_first = None
         while True:
             for j in range(new.shape[1]):
                 nxt = new[:, j].copy()
-                took = self.active.copy()
-                nxt[~took] = pad
-                for r in np.flatnonzero(took):
-                    self.tokens[r].append(int(nxt[r]))
-                for r in np.flatnonzero(took & is_eos[nxt]):
-                    self.finish(int(r), "eos")
                 produced += 1
-                if produced == o.max_new_tokens:
-                    for r in np.flatnonzero(self.active):
-                        self.finish(int(r), "length")
-                if t_prefill is None:
-                    t_prefill = time.perf_counter()
-                t_yield = time.perf_counter()
-                yield nxt, took
-                if t_first is None:
-                    t_first = time.perf_counter()
-                else:
-                    paused += time.perf_counter() - t_yield
+                took = self._take(nxt, pad, is_eos, produced == o.max_new_tokens)
+                yield from self._yield(nxt, took, clock)
                 if not self.active.any():
                     break
             if not self.active.any():
@@ -335,21 +317,4 @@ class SpeculativeGeneration(Generation):
                         paused_rounds, misses = self.PAUSE, 0
             steps += 1
             self._decide(new)
-        t_end = time.perf_counter()
-        decode_s = max(0.0, t_end - t_first - paused) if steps else 0.0
-        new_tokens = sum(len(t) for t in self.tokens)
-        decode_tokens = new_tokens - self.batch
-        self.timings = {
-            "setup_seconds": t_alloc - t0,
-            "prefill_seconds": t_prefill - t_alloc,
-            "decode_seconds": decode_s,
-            "decode_steps": steps,
-            "decode_run_seconds": stepper.run_seconds,
-            "prompt_tokens": int(mask.sum()),
-            "new_tokens": new_tokens,
-            "batch": self.batch,
-            "batch_shrinks": 0,
-            "decode_tokens_per_second": (decode_tokens / decode_s) if decode_s > 0 else None,
-            "overhead_ms_per_step": ((decode_s - stepper.run_seconds) / steps * 1e3) if steps else None,
-            "speculation": stats.as_dict(),
-        }
+        self._record_timings(clock, steps, stepper, mask, 0, speculation=stats.as_dict())
