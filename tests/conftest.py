@@ -75,6 +75,18 @@ BUILD_TOKENS = 512
 #: Random weights give near-uniform next-token distributions (perplexity ~ vocabulary size), where top-k and
 #: greedy agreement measure noise, not quantization error. Builds of random models relax those rank gates and
 #: keep the distribution gates (perplexity, KL, logit differences, NaN/Inf, cache and batch consistency).
+#: Prompts of mixed lengths for batching: rows that join, run together and leave.
+MIXED_PROMPTS = [
+    "The quick brown fox",
+    "In Python, a list is a mutable sequence of",
+    "Hello",
+    "a b c d e f g h i j k l m n o p",
+    "x",
+    "Once upon a time there",
+    "1 2 3",
+    "zzz top",
+]
+
 RANDOM_MODEL_GATES = ("top1=0.4", "top5=0.4", "greedy=0.05")
 
 

@@ -5,20 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import MIXED_PROMPTS as PROMPTS
 
 import gpt2deploy
 from gpt2deploy.runtime.batcher import REGROUP_SLACK, Batcher, Row, log_softmax
 
-PROMPTS = [
-    "The quick brown fox",
-    "In Python, a list is a mutable sequence of",
-    "Hello",
-    "a b c d e f g h i j k l m n o p",
-    "x",
-    "Once upon a time there",
-    "1 2 3",
-    "zzz top",
-]
 BUDGETS = [5, 30, 12, 40, 7, 25, 60, 3]
 
 
@@ -27,7 +18,7 @@ def model(request, tiny_package, tiny_portable_package):
     """ragged: rows of different lengths in one in-place cache (the graphs gpt2deploy writes); padded: the same
     graph driven as packages without ``ragged_rows`` are (rows left-padded to one width); concat: a plain graph."""
     m = gpt2deploy.load(tiny_package if request.param != "concat" else tiny_portable_package, device="cpu", threads=1)
-    assert m.session.ragged_rows == (request.param == "ragged") or request.param == "padded"
+    assert m.session.ragged_rows == (request.param != "concat")
     if request.param == "padded":
         m.session.ragged_rows = False
     return m

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import MIXED_PROMPTS
 
 import gpt2deploy
 
@@ -191,16 +192,7 @@ def test_echo_and_logprobs_score_the_prompt(server, model):
 # -- continuous batching --------------------------------------------------------------------------
 @pytest.mark.timeout(180, func_only=True)
 def test_concurrent_greedy_requests_equal_their_solo_output(server, model):
-    prompts = [
-        "The quick brown fox",
-        "In Python, a list is a mutable sequence of",
-        "Hello",
-        "a b c d e f g h i j k l m n o p",
-        "x",
-        "Once upon a time there",
-        "1 2 3",
-        "zzz top",
-    ]
+    prompts = MIXED_PROMPTS
     budgets = [40, 12, 60, 25, 33, 8, 50, 20]
     solo = [model.generate(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, budgets, strict=True)]
     steps_before = server.metric("gpt2deploy_decode_steps_total")
