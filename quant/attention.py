@@ -23,6 +23,10 @@ length P, present of length P + S) and also accepts a past buffer of any capacit
 same memory as its present: the new positions are written in place and nothing is copied or
 concatenated per step.
 
+``GroupQueryAttention`` takes Q/K/V packed in one [batch, seq, 3 * hidden] tensor: where the three come from
+one equal Split of the QKV projection, the node reads the projection itself and the Split goes (``pack_qkv``;
+going back to MultiHeadAttention puts the Split back).
+
 Every layer is matched completely before anything is rewritten; a layer that does not match is left
 as it is and reported.
 """
@@ -42,6 +46,7 @@ from .graph import (
     attr,
     ensure_opset,
     insert_nodes,
+    opset,
     prune_value_info,
     remove_dead_nodes,
     remove_nodes,
@@ -520,6 +525,46 @@ def _make_attention(
     return helper.make_node(op, inputs, outputs, name=name, domain=MS_DOMAIN, num_heads=num_heads, scale=scale, **extra)
 
 
+def _equal_split3(index: GraphIndex, node: onnx.NodeProto | None) -> bool:
+    """``node`` splits its input into three equal parts along the last axis of a [batch, seq, 3 * hidden] tensor."""
+    if node is None or node.op_type != "Split" or node.domain not in ("", "ai.onnx") or len(node.output) != 3:
+        return False
+    if attr(node, "axis", 0) not in (2, -1):
+        return False
+    if len(node.input) > 1 and node.input[1]:
+        sizes = index.value(node.input[1])
+        return sizes is not None and len(set(sizes.ravel().tolist())) == 1
+    return True
+
+
+def pack_qkv(graph: onnx.GraphProto) -> int:
+    """Feed each fused GroupQueryAttention the packed QKV its Q/K/V were split from; returns how many."""
+    index = GraphIndex(graph)
+    packed = 0
+    for node in graph.node:
+        if node.op_type != GQA or node.domain != MS_DOMAIN or not all(node.input[:3]):
+            continue
+        if attr(node, "kv_num_heads") != attr(node, "num_heads"):
+            continue
+        split = index.producer.get(node.input[0])
+        if _equal_split3(index, split) and list(split.output) == list(node.input[:3]):
+            node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+            packed += 1
+    if packed:
+        remove_dead_nodes(graph)
+    return packed
+
+
+def _unpacked(node: onnx.NodeProto, qkv: tuple[str, str, str], onnx_opset: int) -> tuple:
+    """Q/K/V of a node for an op that takes them apart: a packed input gets its Split back."""
+    if qkv[1] or qkv[2]:
+        return qkv, []
+    parts = tuple(f"{node.name}_{p}" for p in ("query", "key", "value"))
+    count = {"num_outputs": 3} if onnx_opset >= 18 else {}  # before opset 18 a Split is equal by default
+    split = helper.make_node("Split", [qkv[0]], list(parts), name=f"{node.name}_split_qkv", axis=2, **count)
+    return parts, [split]
+
+
 def _op_inputs(node: onnx.NodeProto) -> tuple[tuple[str, str, str], tuple[str, str], str]:
     """(Q/K/V, past K/V, mask bias) of a fused node, read back by its op's input order."""
     ins = list(node.input) + [""] * 17
@@ -607,13 +652,15 @@ def retarget(model: onnx.ModelProto, op: str) -> tuple[onnx.ModelProto, int]:
     swaps = []
     for node in todo:
         qkv, past, bias = _op_inputs(node)
+        qkv, split = _unpacked(node, qkv, opset(out))
         new = _make_attention(
             op, qkv, past, bias, list(node.output), node.name, attr(node, "num_heads"), attr(node, "scale"), lengths
         )
-        swaps.append((node, [new]))
+        swaps.append((node, [*split, new]))
     replace_nodes(graph, swaps)
     if op == GQA:
         _share_kv(graph)
+        pack_qkv(graph)
     remove_dead_nodes(graph)
     return out, len(todo)
 
@@ -724,6 +771,7 @@ def fuse_attention(
     ensure_opset(out, MS_DOMAIN, 1)
     remove_dead_nodes(graph)
     if op == GQA:
+        pack_qkv(graph)
         unfused = len(softmaxes) - len(matches)
         report["kv_cache_reason"] = (
             f"{unfused} of {len(softmaxes)} attention layers are not fused" if unfused else _share_kv(graph)

@@ -8,8 +8,8 @@ the largest matrix is stored once. Alternatives: ``"int8"`` a separate int8 tabl
 row, ``"int4"`` a separate ``GatherBlockQuantized`` table, ``"fp32"`` the float table. Gemms are rewritten to
 MatMul + Add by ``optimize`` first, because MatMulNBits only replaces MatMul.
 
-The lm_head is quantized with ``head_bits`` (default 8: logits are the most sensitive output, and the
-tied embedding shares its table); ``head_bits=4`` makes everything 4-bit (smallest, fastest).
+The lm_head is quantized with ``head_bits`` (default 4: everything 4-bit, smallest and fastest);
+``head_bits=8`` keeps the logits, the most sensitive output, and the tied embedding in 8-bit blocks.
 
 ``accuracy_level`` picks the CPU compute type: 0/1 unpack to fp32 (exact, slower), 4 quantizes the
 activations to int8 per block and uses integer dot products (fastest on x86 with VNNI and on ARM).
@@ -17,6 +17,7 @@ activations to int8 per block and uses integer dot products (fastest on x86 with
 
 from __future__ import annotations
 
+from .bias import fold_matmul_bias
 from .blocks import INT8_BLOCK_SIZE, pow2_block
 from .errors import QuantError
 from .exclude import lm_head_nodes, resolve_exclude
@@ -26,11 +27,14 @@ from .ort import failure, quiet_ort_logging
 from .report import HeadResult, PassResult, pass_result
 from .tied import int8_embedding, share_tied_nbits
 
-DEFAULT_BLOCK_SIZE = 32
+#: Blocks of 128 along K: a decode step is bound by the bytes it reads, and blocks of 32 add a float scale
+#: and a zero point per 32 weights (a fifth more bytes). Chosen by measurement with ``DEFAULT_HEAD_BITS``
+#: (``benchmarks/decode_profile.py``, accuracy by ``benchmarks/accuracy.py``; see benchmarks/RESULTS.md).
+DEFAULT_BLOCK_SIZE = 128
 DEFAULT_ACCURACY_LEVEL = 4
-#: The lm_head (and with it the tied embedding) of a 4-bit model in 8-bit blocks: more accurate logits for
-#: a little decode speed (chosen by measurement: ``benchmarks/quant_decode.py``, see benchmarks/RESULTS.md).
-DEFAULT_HEAD_BITS = 8
+#: The lm_head (and with it the tied embedding) of a 4-bit model in 4-bit blocks: the largest matrix, read
+#: every step; ``head_bits=8`` keeps it in 8-bit blocks (more accurate logits, slower decode).
+DEFAULT_HEAD_BITS = 4
 #: An 8-bit lm_head (tied table) is quantized in symmetric blocks of 128, the int8 variant's layout: smaller
 #: than blocks of 32 with zero points at the same speed and accuracy (measured as above). A 4-bit head
 #: follows the body's blocks.
@@ -80,6 +84,11 @@ def quantize_nbits(
     if embedding not in EMBEDDINGS:
         raise QuantError(f"embedding '{embedding}' is not one of {', '.join(EMBEDDINGS)}")
     model, untie = untie_lm_head(model)
+    narrowest = _narrowest_k(model)
+    if narrowest:  # a block wider than K is only padding: the same numbers in more bytes
+        block_size = min(block_size, pow2_block(narrowest, block_size))
+        if not eight and default_head_block:
+            head_block_size = min(head_block_size, block_size)
     if default_head_block and eight:  # no padding past K on narrow models
         k = _head_k(model)
         head_block_size = (
@@ -103,8 +112,10 @@ def quantize_nbits(
         if not emb_info["tied_embedding"]["shared"]:  # untied or excluded head: a table of its own
             qmodel, more = int8_embedding(qmodel)
             emb_info.update(more)
+    folded = fold_matmul_bias(qmodel)
     details = {
         "op": "MatMulNBits",
+        "bias_folded": folded,
         "bits": bits,
         "head_bits": head_bits,
         "head_block_size": head_block_size,
@@ -119,6 +130,17 @@ def quantize_nbits(
     tied = bool((emb_info.get("tied_embedding") or {}).get("shared"))
     head_result = HeadResult(head_bits, head_block_size, head_symmetric, tied)
     return qmodel, pass_result(f"int{bits}", qmodel, skipped, details, head=head_result)
+
+
+def _narrowest_k(model) -> int | None:
+    """The smallest K of the MatMuls with a constant 2-D weight (None when there are none)."""
+    inits = initializers(model)
+    ks = [
+        int(inits[n.input[1]].dims[0])
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+    ]
+    return min(ks) if ks else None
 
 
 def _head_k(model) -> int | None:

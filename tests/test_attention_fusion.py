@@ -201,8 +201,15 @@ def test_optimize_is_idempotent_and_retargets(graphs_a):
     mha, report = optimize(once, g.n_head, g.hidden, attention_op=MHA)
     assert report.steps["attention"]["retargeted"] == g.n_layer and report.kv_cache == "concat"
     assert "GroupQueryAttention" not in Counter(n.op_type for n in mha.graph.node)
+    # GroupQueryAttention reads the packed QKV projection (no Split); MultiHeadAttention gets the Split back
+    for model in (once, twice):
+        gqa = [n for n in model.graph.node if n.op_type == GQA]
+        assert all(n.input[0] and not n.input[1] and not n.input[2] for n in gqa)
+        assert "Split" not in Counter(n.op_type for n in model.graph.node)
+    assert Counter(n.op_type for n in mha.graph.node)["Split"] == g.n_layer
     back, n = retarget(mha, GQA)
     assert n == g.n_layer and kv_cache_mode(back) == "shared" and ragged_rows(back)
+    assert "Split" not in Counter(n.op_type for n in back.graph.node)
     ids = np.array([[5, 6, 7, 8], [0, 0, 9, 10]], np.int64)
     mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], np.int64)
     ref = _session(g.raw).run(None, _feed(g, ids, mask))[0]

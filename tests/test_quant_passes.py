@@ -208,3 +208,33 @@ def test_int4_embedding_reads_the_lm_head_blocks(fp32_graph, head_bits):
     emb = sess.run([emb_name], feed)[0]
     np.testing.assert_allclose(emb, rows[ids], atol=1e-6)
     assert np.abs(emb - w[ids]).max() < (0.2 if head_bits == 4 else 0.02) * np.abs(w).max()
+
+
+def test_nbits_projection_bias_in_the_matmul(fp32_graph):
+    """Each projection's bias is MatMulNBits' own input (no Add after it); the logits are those of the Adds."""
+    from quant.bias import fold_matmul_bias
+    from quant.nbits import quantize_nbits
+
+    opt, _ = optimize(copy.deepcopy(fp32_graph), N_HEAD, HIDDEN)
+    q, info = quantize_nbits(copy.deepcopy(opt), block_size=16)
+    assert info.details["bias_folded"] >= 2 * N_LAYER
+    index = {o: n for n in q.graph.node for o in n.output}
+    for node in q.graph.node:
+        if node.op_type == "Add" and node.domain in ("", "ai.onnx"):
+            assert all(index.get(i) is None or index[i].op_type != "MatMulNBits" for i in node.input)
+    with_bias = [n for n in q.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 5 and n.input[5]]
+    assert len(with_bias) == info.details["bias_folded"]
+    # the same quantized weights with the Adds spelled out give the same logits
+    unfolded = copy.deepcopy(q)
+    adds = []
+    for node in unfolded.graph.node:
+        if node.op_type == "MatMulNBits" and len(node.input) > 5 and node.input[5]:
+            out, bias = node.output[0], node.input[5]
+            node.input[5] = ""
+            node.output[0] = f"{out}_unbiased"
+            adds.append((node, helper.make_node("Add", [f"{out}_unbiased", bias], [out])))
+    for node, add in adds:
+        unfolded.graph.node.insert(list(unfolded.graph.node).index(node) + 1, add)
+    for got, ref in zip(_prompt_and_step(q), _prompt_and_step(unfolded), strict=True):
+        assert np.abs(got - ref).max() < 1e-4
+    assert fold_matmul_bias(q) == 0  # nothing left to fold

@@ -34,7 +34,7 @@ def quantize_cmd(
         None,
         "--block-size",
         help=(
-            "Weights per quantization block (power of two >= 16): int4 (default 32), int8 --granularity block "
+            "Weights per quantization block (power of two >= 16): int4 (default 128), int8 --granularity block "
             "(default 128)."
         ),
     ),
@@ -47,8 +47,8 @@ def quantize_cmd(
         None,
         "--head-bits",
         help=(
-            "int4: bits of the lm_head and tied embedding table (default 8; 4 is faster, smaller and less "
-            "accurate: see benchmarks/RESULTS.md)."
+            "int4: bits of the lm_head and tied embedding table (default 4; 8 is more accurate, larger and "
+            "slower: see benchmarks/RESULTS.md)."
         ),
     ),
     attention: str | None = typer.Option(
