@@ -181,7 +181,8 @@ def main(argv=None) -> int:
             "block64": {"block_size": 64},
             "block128": {"block_size": 128},
             "acc1": {"block_size": 32, "accuracy_level": 1},
-            "head4": {"head_bits": 4},
+            "head8": {"head_bits": 8},
+            "head4-block32": {"head_block_size": 32},
             "int8block": {"mode": "int8", "granularity": "block"},
         }.items():
             copy = recipe_copy(pkg, name, say, **opts)

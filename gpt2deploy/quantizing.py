@@ -57,7 +57,7 @@ def quantize_package(
     ``options`` pass through to the mode's pass: int8 ``granularity`` ("tensor", the default; "channel",
     the same as ``per_channel``; "block": 8-bit MatMulNBits weight blocks of ``block_size``, default 128),
     ``share_embedding``, ``quantize_embedding``, ``reduce_range``; int4 ``accuracy_level``, ``bits``,
-    ``head_bits``, ``embedding``, ``symmetric``. ``block_size`` defaults to 128 for int4.
+    ``head_bits``, ``embedding``, ``symmetric``. ``block_size`` defaults to 32 for int4.
     """
     opts = QuantizeOptions.parse(mode, per_channel, block_size, exclude, **options)
     pkg = Package.open(path)
@@ -169,7 +169,7 @@ def _quantize(model, opts: QuantizeOptions, progress: Progress):
         recipe = {
             "mode": "int4",
             "per_channel": False,
-            "block_size": result.details["block_size"],
+            "block_size": block_size,
             "accuracy_level": level,
             "head_bits": result.head.bits,
             "head_block_size": result.head.block_size,

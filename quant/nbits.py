@@ -27,17 +27,20 @@ from .ort import failure, quiet_ort_logging
 from .report import HeadResult, PassResult, pass_result
 from .tied import int8_embedding, share_tied_nbits
 
-#: Blocks of 128 along K: a decode step is bound by the bytes it reads, and blocks of 32 add a float scale
-#: and a zero point per 32 weights (a fifth more bytes). Chosen by measurement with ``DEFAULT_HEAD_BITS``
-#: (``benchmarks/decode_profile.py``, accuracy by ``benchmarks/accuracy.py``; see benchmarks/RESULTS.md).
-DEFAULT_BLOCK_SIZE = 128
+#: Blocks of 32 along K. Larger blocks read fewer bytes a step (about 8% faster decode at 128) but ONNX Runtime
+#: then computes a single row and several rows with different kernels, whose float sums differ in the last
+#: bits; the int8-quantized activations of the next MatMul turn that into different tokens now and then, so
+#: a batch row or a served request would no longer give exactly what it gives alone. Blocks of 32 (and 16) use
+#: one kernel for any number of rows (measured: ``benchmarks/decode_profile.py``, see benchmarks/RESULTS.md).
+DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
 #: The lm_head (and with it the tied embedding) of a 4-bit model in 4-bit blocks: the largest matrix, read
-#: every step; ``head_bits=8`` keeps it in 8-bit blocks (more accurate logits, slower decode).
+#: every step (over 40% of a step's bytes in 8 bits); ``head_bits=8`` keeps it in 8-bit blocks (more accurate
+#: logits, a slower decode).
 DEFAULT_HEAD_BITS = 4
-#: An 8-bit lm_head (tied table) is quantized in symmetric blocks of 128, the int8 variant's layout: smaller
-#: than blocks of 32 with zero points at the same speed and accuracy (measured as above). A 4-bit head
-#: follows the body's blocks.
+#: The lm_head of a 4-bit model (tied table) is quantized in blocks of 128 (symmetric when 8-bit, the int8
+#: variant's layout): fewer bytes than blocks of 32 at about the same accuracy, and it is the last MatMul, so
+#: its kernels' last-bit differences reach no other quantization (measured as above).
 DEFAULT_HEAD_BLOCK_SIZE = INT8_BLOCK_SIZE
 EMBEDDINGS = ("tied", "int8", "int4", "fp32")
 
@@ -69,8 +72,9 @@ def quantize_nbits(
     check_block_size(block_size)
     head_bits = (DEFAULT_HEAD_BITS if bits == 4 else bits) if head_bits is None else head_bits
     eight = head_bits == 8 and bits == 4
+    own_head = bits == 4  # a 4-bit body's lm_head gets blocks of its own (DEFAULT_HEAD_BLOCK_SIZE)
     default_head_block = head_block_size is None
-    head_block_size = (DEFAULT_HEAD_BLOCK_SIZE if eight else block_size) if default_head_block else head_block_size
+    head_block_size = (DEFAULT_HEAD_BLOCK_SIZE if own_head else block_size) if default_head_block else head_block_size
     head_symmetric = (True if eight else symmetric) if head_symmetric is None else head_symmetric
     check_block_size(head_block_size)
     if bits not in (4, 8) or head_bits not in (4, 8):
@@ -84,12 +88,7 @@ def quantize_nbits(
     if embedding not in EMBEDDINGS:
         raise QuantError(f"embedding '{embedding}' is not one of {', '.join(EMBEDDINGS)}")
     model, untie = untie_lm_head(model)
-    narrowest = _narrowest_k(model)
-    if narrowest:  # a block wider than K is only padding: the same numbers in more bytes
-        block_size = min(block_size, pow2_block(narrowest, block_size))
-        if not eight and default_head_block:
-            head_block_size = min(head_block_size, block_size)
-    if default_head_block and eight:  # no padding past K on narrow models
+    if default_head_block and own_head:  # no padding past K on narrow models
         k = _head_k(model)
         head_block_size = (
             max(min(head_block_size, pow2_block(k, head_block_size)), block_size) if k else head_block_size
@@ -130,17 +129,6 @@ def quantize_nbits(
     tied = bool((emb_info.get("tied_embedding") or {}).get("shared"))
     head_result = HeadResult(head_bits, head_block_size, head_symmetric, tied)
     return qmodel, pass_result(f"int{bits}", qmodel, skipped, details, head=head_result)
-
-
-def _narrowest_k(model) -> int | None:
-    """The smallest K of the MatMuls with a constant 2-D weight (None when there are none)."""
-    inits = initializers(model)
-    ks = [
-        int(inits[n.input[1]].dims[0])
-        for n in model.graph.node
-        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
-    ]
-    return min(ks) if ks else None
 
 
 def _head_k(model) -> int | None:

@@ -183,7 +183,7 @@ def test_manifest_entries_valid(quantized):
             assert key in r, key
         assert r["fused"].get("SkipLayerNormalization", 0) >= 4 and r["fused"].get("FastGelu", 0) == 2
         assert e["sample_check"]["finite"] is True
-    assert pkg.variant("int4")["recipe"]["block_size"] == 64  # the default 128, capped at the model's K (64)
+    assert pkg.variant("int4")["recipe"]["block_size"] == 32
     assert pkg.variant("int4")["recipe"]["accuracy_level"] == 4
     assert pkg.variant("int8")["recipe"]["float_weight_fraction"] < 0.1
     assert "CUDA" in pkg.variant("fp16")["note"] and "slower" in pkg.variant("fp16")["note"]

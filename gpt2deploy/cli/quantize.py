@@ -34,7 +34,7 @@ def quantize_cmd(
         None,
         "--block-size",
         help=(
-            "Weights per quantization block (power of two >= 16): int4 (default 128), int8 --granularity block "
+            "Weights per quantization block (power of two >= 16): int4 (default 32), int8 --granularity block "
             "(default 128)."
         ),
     ),

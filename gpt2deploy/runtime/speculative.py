@@ -18,9 +18,9 @@ Proposers:
   ``k`` tokens greedily with its own rolled-back KV cache.
 
 Greedy decoding only: sampling (``do_sample``) and the repetition penalty keep the plain loop, with a note.
-Speculation also needs an in-place KV cache variant, MatMuls whose result for a position does not depend on the
-other positions of the step (not the int8 recipe, whose activations share one dynamic scale per call), and an
-ONNX Runtime that runs multi-token steps with past; otherwise it is off with a note. It is off by default;
+Speculation also needs an in-place KV cache variant, MatMuls that keep activations in float (fp32, fp16; not
+int8 or int4, which round them to int8: see ``quantized_activations``), and an ONNX Runtime that runs
+multi-token steps with past; otherwise it is off with a note. Any variant can draft. It is off by default;
 ``"auto"`` turns prompt lookup on for greedy decoding of one prompt where those hold; the lookup runs only while
 its guesses are being accepted (``k`` adapts per round, and after a run of rejected rounds it pauses), so a text
 that never repeats costs about what a plain decode costs.
@@ -142,12 +142,21 @@ def _ort_version() -> tuple[int, int]:
         return (0, 0)
 
 
-def per_call_activation_scale(dec: DecoderSession) -> bool:
-    """True for variants whose MatMuls quantize activations with one scale for the whole input (the int8
-    DynamicQuantizeMatMul recipe): the scale, and so every row's result, depends on the other positions."""
+def quantized_activations(dec: DecoderSession) -> bool:
+    """True for variants whose MatMuls round activations to integers: the int8 recipe (one dynamic scale per
+    call, shared by every position) and MatMulNBits at accuracy level 2-4 (int4, int8 blocks: int8 compute).
+
+    A multi-token step computes some ops with other kernels than a single-token step (attention over several
+    new positions, matrix products of several rows), whose float sums differ in the last bits; rounding the
+    activations turns such a difference into a whole quantization step now and then, and the token can change.
+    Greedy output identical to plain decoding then cannot be promised, so speculation stays off for them.
+    """
     recipe = dec.package.variant(dec.variant).get("recipe") or {}
-    details = recipe.get("details") or {}
-    return "dynamic" in str(details.get("activation_type", ""))
+    details = recipe.get("details") if isinstance(recipe.get("details"), dict) else {}
+    level = recipe.get("accuracy_level")
+    return "dynamic" in str(details.get("activation_type", "")) or (
+        isinstance(level, int) and not isinstance(level, bool) and level >= 2
+    )
 
 
 def unavailable(dec: DecoderSession, opts: GenerationOptions | None = None) -> str | None:
@@ -159,10 +168,10 @@ def unavailable(dec: DecoderSession, opts: GenerationOptions | None = None) -> s
         return "speculative decoding is off with a repetition penalty"
     if not dec.kv_shared or dec.device != "cpu":
         return f"speculative decoding needs a CPU variant with the in-place KV cache; variant {dec.variant} has none"
-    if opts is not None and per_call_activation_scale(dec):
+    if opts is not None and quantized_activations(dec):
         return (
-            f"speculative decoding is off for variant {dec.variant}: it quantizes activations with one scale per call, "
-            "so a multi-token verification step cannot reproduce single-token greedy output exactly (use int4 or fp32)"
+            f"speculative decoding is off for variant {dec.variant}: its MatMuls round activations to int8, so a "
+            "multi-token verification step cannot reproduce single-token greedy output exactly (use fp32)"
         )
     if _ort_version() < MIN_ORT:
         import onnxruntime as ort
