@@ -2,9 +2,10 @@
 
     python benchmarks/accuracy.py [--model ../shared/models/gpt2-ref] [--variants fp32,fp16,int8,int4]
 
-Builds the model's package once (``gpt2deploy build``, cached in ``benchmarks/.work/accuracy-pkg``; ``--rebuild``
-makes it again), runs ``check_package`` for every variant against fp32 on the default text, and records the
-metrics table as the ``Accuracy`` section of ``benchmarks/RESULTS.md``. The default gates in
+Builds the model's package once per version of the graph-writing code (``gpt2deploy build``, cached in
+``benchmarks/.work/accuracy-pkg-<code key>``; ``--rebuild`` makes it again), runs ``check_package`` for every
+variant against fp32 on the default text, and records the metrics table as the ``Accuracy`` section of
+``benchmarks/RESULTS.md``. The default gates in
 ``gpt2deploy/accuracy/gates.py`` were chosen with headroom above these figures.
 """
 
@@ -20,6 +21,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+import prepare  # noqa: E402
 import results  # noqa: E402
 
 from gpt2deploy.building import build_package  # noqa: E402
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT.parent / "shared" / "models" / "gpt2-ref")
     ap.add_argument("--variants", default="fp32,fp16,int8,int4")
-    ap.add_argument("--work", type=Path, default=HERE / ".work" / "accuracy-pkg")
+    ap.add_argument("--work", type=Path, default=HERE / ".work" / f"accuracy-pkg-{prepare.graph_code_key()}")
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--no-record", action="store_true", help="print the table only")
     a = ap.parse_args(argv)
