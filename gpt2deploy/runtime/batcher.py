@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import GenerationError
 from .generate import fit_context
-from .kvcache import PREFILL_CHUNK, KVStepper
+from .kvcache import PREFILL_CHUNK, KVStepper, regroupable
 from .options import GenerationOptions
 from .sampling import SeenTokens, _penalise_row, sample_row
 from .session import DecoderSession
@@ -148,7 +148,8 @@ class Batcher:
         self.dec = dec
         self.max_rows = max_rows  # cache slots allocated once; more rows than this reallocate
         # rows of different lengths, each from column 0 of its slot (graphs that take them; else left padding)
-        self.ragged = dec.ragged_rows and dec.kv_shared and dec.device == "cpu"
+        self.regroupable = regroupable(dec)  # what every stepper of this batch will say
+        self.ragged = self.regroupable and dec.ragged_rows
         self.token_bytes = token_bytes
         self.prefill_chunk = prefill_chunk
         self.vocab = dec.dims.vocab_size
@@ -323,14 +324,13 @@ class Batcher:
         b = len(rows)
         old = self.stepper
         old_index = {r.serial: i for i, r in enumerate(self.rows)}
-        regroupable = self.dec.kv_shared and self.dec.device == "cpu"  # what KVStepper.regroupable will say
-        stepper = KVStepper(self.dec, max(b, self.max_rows) if regroupable else b, d.n_positions)
+        stepper = KVStepper(self.dec, max(b, self.max_rows) if self.regroupable else b, d.n_positions)
         if self.ragged:
             self._place_ragged(stepper, rows, old, old_index)
             return
         old_kv = old.read_kv() if old is not None else None
         old_len = old.length if old is not None else 0
-        if regroupable:
+        if self.regroupable:
             kv = [v[:b, :, :width] for v in stepper.slot_views()]
         else:
             views = stepper.kv_views(width)  # CPU: rows are copied straight into the new buffers
@@ -348,7 +348,7 @@ class Batcher:
                 dst[i, :, width - n :] = s[j, :, end - n : end]
             mask[i, width - n :] = 1
         last = np.array([r.length - 1 for r in rows], dtype=np.int64)
-        if regroupable:
+        if self.regroupable:
             stepper.regroup(mask, last)
         else:
             stepper.resume(None if views else kv, mask, last)

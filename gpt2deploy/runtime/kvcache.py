@@ -77,6 +77,11 @@ def _binders(io, device: str, device_id: int):
         return bind_in, bind_out
 
 
+def regroupable(dec: DecoderSession) -> bool:
+    """True when a stepper over ``dec`` can move, add and drop rows in place (an in-place cache on the CPU)."""
+    return dec.kv_shared and dec.device == "cpu"
+
+
 class KVStepper:
     """``prefill(ids, mask) -> last logits``, then ``step(tokens) -> logits`` once per new token.
 
@@ -285,7 +290,7 @@ class KVStepper:
     @property
     def regroupable(self) -> bool:
         """True when rows can be moved, added and dropped in place (an in-place cache on the CPU)."""
-        return self.shared and self.device == "cpu"
+        return regroupable(self.dec)
 
     def slot_views(self) -> list[np.ndarray]:
         """In-place CPU cache: a writable [slots, heads, capacity, head_dim] view of every buffer. A row's slot
