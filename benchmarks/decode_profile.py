@@ -184,6 +184,7 @@ def main(argv=None) -> int:
             "head8": {"head_bits": 8},
             "head4-block32": {"head_block_size": 32},
             "int8block": {"mode": "int8", "granularity": "block"},
+            "int8untied": {"mode": "int8", "share_embedding": False},
         }.items():
             copy = recipe_copy(pkg, name, say, **opts)
             if copy is not None:

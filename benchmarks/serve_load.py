@@ -181,6 +181,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--prefill-chunk", type=int, default=64, help="the server's --prefill-chunk")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all phases; medians are reported")
+    ap.add_argument(
+        "--untie-lm-head",
+        action="store_true",
+        help="serve an int8 copy quantized with --untie-lm-head (recorded in its own section)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-record", action="store_true", help="Do not write benchmarks/RESULTS.md.")
     args = ap.parse_args(argv)
@@ -193,6 +198,14 @@ def main(argv=None) -> dict:
         pkg, failed = prepare.gpt2deploy_package(prepare.default_checkpoint(), [args.variant])
         if pkg is None or args.variant in failed:
             raise SystemExit(f"could not prepare the package: {failed}")
+    if args.untie_lm_head:
+        if args.variant != "int8":
+            raise SystemExit("error: --untie-lm-head needs --variant int8")
+        from decode_profile import recipe_copy
+
+        pkg = recipe_copy(pkg, "int8untied", print, mode="int8", share_embedding=False)
+        if pkg is None:
+            raise SystemExit("error: the --untie-lm-head copy could not be quantized")
 
     import gpt2deploy
 
@@ -312,7 +325,9 @@ def main(argv=None) -> dict:
             targets.append(["server overhead, 1 client vs generate", spread("overhead", True), "<= 10%", r <= 0.10])
         body += md_table(["target", "measured", "goal", "met"], targets)
         body += (
-            f"\n\nPackage: {Path(pkg).name} variant {args.variant}, {args.threads} threads, max batch "
+            f"\n\nPackage: {Path(pkg).name} variant {args.variant}"
+            + (" (quantized with --untie-lm-head)" if args.untie_lm_head else "")
+            + f", {args.threads} threads, max batch "
             f"{args.max_batch}, prefill chunk {args.prefill_chunk}, {args.max_tokens} tokens per request, "
             f"{args.requests} requests per client per phase, {args.rounds} rounds of all phases in turn: the "
             "first table gives each measure's median over the rounds (requests, tokens and solo matches summed), "
@@ -320,7 +335,7 @@ def main(argv=None) -> dict:
             "over the phase's wall time; decode tok/s: tokens of decode steps over the server's time in decode "
             "steps (from /metrics); prompt time: the share of the wall time the decode loop spent running prompts.\n"
         )
-        record("Serve load (continuous batching)", body)
+        record("Serve load (continuous batching" + (", int8 --untie-lm-head)" if args.untie_lm_head else ")"), body)
     return out
 
 

@@ -93,6 +93,11 @@ class QuantizeOptions:
             raise UsageError(f"--head-bits applies to int4 only; drop it for {mode}")
         if options.get("head_bits", 4) not in (4, 8):
             raise UsageError(f"--head-bits must be 4 or 8 (got {options['head_bits']})")
+        if "share_embedding" in options and (mode != "int8" or granularity == "block"):
+            raise UsageError(
+                "--untie-lm-head applies to int8 with per-tensor or per-channel scales; drop it"
+                + (" or drop --granularity block" if mode == "int8" else f" for {mode}")
+            )
         attention = options.pop("attention", None) or ATTENTION.get(mode, "gqa")
         if attention not in ATTENTION_OPS:
             raise UsageError(

@@ -158,6 +158,7 @@ def _quantize(model, opts: QuantizeOptions, progress: Progress):
             "per_channel": opts.per_channel,
             "block_size": None,
             "accuracy_level": None,
+            "tied_lm_head": bool(result.head and result.head.shared_with_embedding),
         }
     elif opts.mode == "int4":
         from quant.nbits import DEFAULT_ACCURACY_LEVEL, quantize_nbits

@@ -314,6 +314,48 @@ def test_int8_block_granularity(cli, package_copy):
     )
 
 
+def test_int8_untied_lm_head(cli, package_copy):
+    """--untie-lm-head: the lm_head is its own int8 DynamicQuantizeMatMul weight, the embedding reads its own
+    int8 rows (one scale a row), memory-mapped; logits stay within the int8 tolerance of fp32; it generates."""
+    import onnx
+
+    import gpt2deploy
+    from gpt2deploy.package import Package
+    from gpt2deploy.runtime.session import DecoderSession
+
+    r = cli("quantize", package_copy, "--mode", "int8", "--untie-lm-head")
+    assert r.exit_code == 0, r.stderr
+    assert "untied from the embedding" in r.stderr
+    pkg = Package.open(package_copy)
+    e = pkg.variant("int8")
+    assert e["recipe"]["tied_lm_head"] is False and e["recipe"]["quantized_matmuls"] == 9
+    model = onnx.load(str(package_copy / e["file"]), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    ops = [n.op_type for n in model.graph.node]
+    assert "MatMulNBits" not in ops and ops.count("MatMulInteger") == 9
+    # the embedding: int8 rows [vocab, hidden] with one float scale per row, page-aligned in the data file
+    rows = [
+        inits[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].dims[:1] == [50257]
+    ]
+    kinds = sorted((t.data_type, len(t.dims)) for t in rows)
+    assert kinds == [(onnx.TensorProto.FLOAT, 1), (onnx.TensorProto.INT8, 2)], kinds
+    table = next(t for t in rows if t.data_type == onnx.TensorProto.INT8)
+    assert int({x.key: x.value for x in table.external_data}["offset"]) % 4096 == 0
+    assert not [
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] == 50257
+    ]
+    ids = _text_ids(pkg, 40)
+    ref, _ = DecoderSession(pkg, "fp32", "cpu", threads=1).forward(np.array([ids]))
+    got, _ = DecoderSession(pkg, "int8", "cpu", threads=1).forward(np.array([ids]))
+    assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < REL_RMS["int8"]
+    out = gpt2deploy.load(package_copy, variant="int8", device="cpu").generate_ids([[1, 2, 3]], max_new_tokens=4)
+    assert 1 <= len(out.tokens[0]) <= 4
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -322,6 +364,8 @@ def test_int8_block_granularity(cli, package_copy):
         (["--mode", "int8", "--granularity", "block", "--per-channel"], "disagree"),
         (["--mode", "int8", "--block-size", "64"], "--block-size applies to int8 only with --granularity block"),
         (["--mode", "int8", "--granularity", "block", "--block-size", "48"], "power of two"),
+        (["--mode", "int4", "--untie-lm-head"], "--untie-lm-head applies to int8"),
+        (["--mode", "int8", "--granularity", "block", "--untie-lm-head"], "drop --granularity block"),
     ],
 )
 def test_int8_granularity_bad_input(cli, tiny_package, args, message):

@@ -51,6 +51,15 @@ def quantize_cmd(
             "slower: see benchmarks/RESULTS.md)."
         ),
     ),
+    untie_lm_head: bool = typer.Option(
+        False,
+        "--untie-lm-head",
+        help=(
+            "int8: give the lm_head its own int8 weight (DynamicQuantizeMatMul) and the embedding its own int8 "
+            "rows instead of one shared table: faster, most at batch sizes above 1 (servers), but a larger file "
+            "and slightly less accurate logits (see benchmarks/RESULTS.md)."
+        ),
+    ),
     attention: str | None = typer.Option(
         None,
         "--attention",
@@ -75,6 +84,7 @@ def quantize_cmd(
             **({"head_bits": head_bits} if head_bits is not None else {}),
             **({"attention": attention} if attention is not None else {}),
             **({"granularity": granularity} if granularity is not None else {}),
+            **({"share_embedding": False} if untie_lm_head else {}),
             progress=p.message,
         )
     s = result["summary"]
