@@ -183,6 +183,7 @@ def main(argv=None) -> int:
             "acc1": {"block_size": 32, "accuracy_level": 1},
             "head8": {"head_bits": 8},
             "head4-block32": {"head_block_size": 32},
+            "asymmetric": {"symmetric": False},
             "int8block": {"mode": "int8", "granularity": "block"},
             "int8untied": {"mode": "int8", "share_embedding": False},
         }.items():

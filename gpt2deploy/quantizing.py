@@ -161,7 +161,7 @@ def _quantize(model, opts: QuantizeOptions, progress: Progress):
             "tied_lm_head": bool(result.head and result.head.shared_with_embedding),
         }
     elif opts.mode == "int4":
-        from quant.nbits import DEFAULT_ACCURACY_LEVEL, quantize_nbits
+        from quant.nbits import DEFAULT_ACCURACY_LEVEL, DEFAULT_SYMMETRIC, quantize_nbits
 
         kw = opts.pass_options(NBITS_PASS_OPTIONS)
         level = kw.setdefault("accuracy_level", DEFAULT_ACCURACY_LEVEL)
@@ -175,6 +175,7 @@ def _quantize(model, opts: QuantizeOptions, progress: Progress):
             "head_bits": result.head.bits,
             "head_block_size": result.head.block_size,
             "head_symmetric": result.head.symmetric,
+            "symmetric": kw.get("symmetric", DEFAULT_SYMMETRIC),
         }
     else:
         from quant.fp16 import convert_fp16

@@ -262,7 +262,7 @@ def test_int4_all_4bit_with_head_bits_4(cli, package_copy):
     r = cli("quantize", package_copy, "--mode", "int4", "--head-bits", "4", "--block-size", "16")
     assert r.exit_code == 0, r.stderr
     # the body in blocks of 16; the lm_head keeps its own default blocks (128, capped at the hidden size 64)
-    assert "4-bit blocks of 64, shared with the embedding lookup" in r.stderr
+    assert "4-bit symmetric blocks of 64, shared with the embedding lookup" in r.stderr
     manifest = json.loads((package_copy / "manifest.json").read_text())
     recipe = manifest["variants"]["int4"]["recipe"]
     assert recipe["head_bits"] == 4 and recipe["block_size"] == 16 and recipe["skipped_matmuls"] == 0
