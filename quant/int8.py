@@ -49,7 +49,8 @@ def quantize_int8(
 
     ``share_embedding=False`` unties the lm_head into its own weight, quantized like every other MatMul
     (``DynamicQuantizeMatMul``, one scale per matrix or per column): on x86 2.2x faster at a batch of 8 on the
-    lm_head alone (1.4x at one row, where the whole step shows no measurable change), less accurate logits, and the largest matrix stored twice;
+    lm_head alone (1.4x at one row, where the whole step shows no measurable change), less accurate logits,
+    and the largest matrix stored twice;
     the embedding lookup then gets its own int8 table with one scale per row (``quantize_embedding``;
     ``False`` keeps it fp32), of which the process reads only the looked-up rows (see ``quant.mapped``).
     """
