@@ -53,6 +53,7 @@ def quantize_int8(
     and the largest matrix stored twice;
     the embedding lookup then gets its own int8 table with one scale per row (``quantize_embedding``;
     ``False`` keeps it fp32), of which the process reads only the looked-up rows (see ``quant.mapped``).
+    With the default ``share_embedding`` and the lm_head excluded, the embedding stays fp32.
     """
     import onnx
     from onnx import TensorProto
@@ -65,7 +66,7 @@ def quantize_int8(
         model, tied = share_tied_int8(model)
     model, untie = untie_lm_head(model)
     embedding = {"int8_embedding": []}
-    if quantize_embedding and not tied.get("shared"):
+    if quantize_embedding and not share_embedding:  # (a shared table excluded as lm_head stays fp32, as before)
         model, embedding = int8_embedding(model)
     skipped = resolve_exclude(model, exclude)
     op_types = ["MatMul", "Gemm"]

@@ -217,6 +217,7 @@ def test_cli_summary_and_existing_variant_needs_force(cli, package_copy):
     assert "model_int8.onnx" in r.stdout
     manifest = json.loads((package_copy / "manifest.json").read_text())
     assert len(manifest["variants"]["int8"]["recipe"]["excluded"]) == 1
+    assert manifest["variants"]["int8"]["recipe"]["details"]["quantize_embedding"] is False  # embedding stays fp32
     before = (package_copy / "manifest.json").read_bytes()
     graph = (package_copy / "onnx/model_int8.onnx").read_bytes()
     r = cli("quantize", package_copy, "--mode", "int8")
