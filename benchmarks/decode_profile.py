@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     text = "\n\n".join(body)
     print(text)
     if not a.no_record:
-        results.record("Batch-1 decode step profile", text)
+        results.record(results.per_cpu_kind("Batch-1 decode step profile"), text)
     return 0
 
 

@@ -4,6 +4,10 @@
   ``pip download --no-binary :all:``, unpacked and built (``cmake -DGGML_NATIVE=ON``, targets ``llama-bench``
   and ``llama-quantize``, at the lowest CPU priority) under ``~/.cache/gpt2deploy/llama.cpp``
   (``GPT2DEPLOY_CACHE`` moves it). It compiles for many minutes, so it never happens under CI=true.
+  Some virtual machines report AMX in their CPU flags but fault on its instructions, and a native build then
+  dies on its first multi-row product (prompt steps). Where the CPU reports AMX, a tiny probe program runs
+  one AMX instruction first; when it faults, llama.cpp is built in ``build-noamx`` with AMX switched off
+  (``AMX_OFF``), so it runs its AVX-512 (VNNI) kernels instead.
 * Models: the same checkpoint converted by the vendored ``convert_hf_to_gguf.py`` (with its ``gguf-py``) to
   GGUF F32 once ``n_ctx`` is added to a copy of config.json, then ``llama-quantize`` to Q8_0 and Q4_0, cached
   in ``benchmarks/.work/``.
@@ -13,18 +17,39 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("GPT2DEPLOY_CACHE", Path.home() / ".cache" / "gpt2deploy")) / "llama.cpp"
 TOOLS = ("llama-bench", "llama-quantize")
 QUANTS = ("F32", "Q8_0", "Q4_0")
+AMX_OFF = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
+AMX_PROBE = r"""
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+struct cfg { unsigned char palette, start; unsigned char reserved[14]; unsigned short colsb[16];
+             unsigned char rows[16]; };
+int main(void) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */)) return 2;
+    struct cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1; c.rows[0] = 16; c.colsb[0] = 64;
+    _tile_loadconfig(&c);
+    _tile_zero(0);
+    _tile_release();
+    return 0;
+}
+"""
 
 
 def source_dir() -> Path | None:
@@ -33,9 +58,41 @@ def source_dir() -> Path | None:
     return found[-1].parent if found else None
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def amx_faults() -> bool:
+    """True when the CPU reports AMX but a program that runs one AMX instruction does not exit cleanly."""
+    if "amx_tile" not in _cpu_flags() or shutil.which("cc") is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "amx.c", Path(tmp) / "amx"
+        src.write_text(AMX_PROBE)
+        built = subprocess.run(["cc", "-O1", "-mamx-tile", str(src), "-o", str(exe)], capture_output=True)
+        if built.returncode != 0:
+            return False  # the compiler cannot emit AMX, so a native build will not either
+        try:
+            return subprocess.run([str(exe)], capture_output=True, timeout=30).returncode != 0
+        except subprocess.TimeoutExpired:
+            return True
+
+
+def build_dir() -> str:
+    """The build directory's name under the llama.cpp source: ``build``, or ``build-noamx`` (see above)."""
+    return "build-noamx" if amx_faults() else "build"
+
+
 def tool(name: str) -> Path | None:
     src = source_dir()
-    path = src / "build" / "bin" / name if src else None
+    path = src / build_dir() / "bin" / name if src else None
     return path if path is not None and path.is_file() else None
 
 
@@ -76,12 +133,16 @@ def ensure_build(log: Path, say=print, build: bool = True) -> str:
             tar.extractall(CACHE, filter="data")
         if source_dir() is None:
             return "not available: the llama-cpp-python source distribution has no vendored llama.cpp"
-    src = source_dir()
-    say(f"building llama.cpp {' '.join(TOOLS)} in {src / 'build'} (once; many minutes; log {log})")
+    src, out = source_dir(), build_dir()
+    why = " (AMX off: this CPU reports AMX but faults on it)" if out != "build" else ""
+    say(f"building llama.cpp {' '.join(TOOLS)} in {src / out}{why} (once; many minutes; log {log})")
     nice = ["nice", "-n", "19"] if shutil.which("nice") else []
-    configure = ["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
+    configure = ["cmake", "-B", out, "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
     configure += ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
-    build = ["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *TOOLS]
+    if out != "build":
+        flags = " ".join(AMX_OFF)  # explicit -mno-* flags win over what -march=native turns on
+        configure += [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
+    build = ["cmake", "--build", out, "-j", str(os.cpu_count() or 2), "--target", *TOOLS]
     if not (_run(nice + configure, log, cwd=src) and _run(nice + build, log, cwd=src)):
         return f"not available: building llama.cpp failed ({_tail(log)})"
     return ""

@@ -49,6 +49,25 @@ def cpu_flags() -> list[str]:
     return [f for f in _FLAGS if f in have]
 
 
+def cpu_kind_label() -> str:
+    """The CPU kind a section's figures hold for, as it goes in a section name: int8 and int4 kernels (ONNX
+    Runtime's and llama.cpp's alike) differ between these, so each kind keeps its own section."""
+    have = set(cpu_flags())
+    if have & {"avx512_vnni", "avx_vnni"}:
+        return "AVX-512 VNNI" if "avx512f" in have else "AVX-VNNI"
+    if "avx512f" in have:
+        return "AVX-512 without VNNI"
+    if "avx2" in have:
+        return "AVX2"
+    return platform.machine() or "unknown CPU"
+
+
+def per_cpu_kind(section: str) -> str:
+    """``section`` named for this CPU kind: "Name (kind)", or "Name (what, kind)" when it has a parenthesis."""
+    kind = cpu_kind_label()
+    return f"{section[:-1]}, {kind})" if section.endswith(")") else f"{section} ({kind})"
+
+
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {

@@ -162,7 +162,8 @@ def build_peers(a, ckpt: Path, prompt: list[int], log_dir: Path) -> list[Peer]:
                 "model": str(models.get(quant, "")),
                 "quant": quant,
                 "bench": str(llamacpp.tool("llama-bench")),
-                "version": src.parent.parent.name.replace("_", "-") if src else "",
+                "version": (src.parent.parent.name.replace("_", "-") if src else "")
+                + (", AMX off" if llamacpp.build_dir() != "build" else ""),
             }
             peers.append(Peer(key, spec, reason=reason))
     return peers
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
     results.record("Engines", md)
     llama = peer_ratios.section(result)
     if llama is not None:
-        results.record("Batch-1 decode vs llama.cpp", llama)
+        results.record(results.per_cpu_kind("Batch-1 decode vs llama.cpp"), llama)
         print(llama)
     say(f"wrote {a.out / f'bench-{stamp}'}.md, .json{', .png' if png else ''} (worker logs in {log_dir})")
     return 0

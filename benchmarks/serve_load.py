@@ -279,7 +279,7 @@ def main(argv=None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     if not args.no_record:
-        from results import md_table, record
+        from results import md_table, per_cpu_kind, record
 
         rows = [
             [
@@ -335,7 +335,8 @@ def main(argv=None) -> dict:
             "over the phase's wall time; decode tok/s: tokens of decode steps over the server's time in decode "
             "steps (from /metrics); prompt time: the share of the wall time the decode loop spent running prompts.\n"
         )
-        record("Serve load (continuous batching" + (", int8 --untie-lm-head)" if args.untie_lm_head else ")"), body)
+        name = "Serve load (continuous batching" + (", int8 --untie-lm-head)" if args.untie_lm_head else ")")
+        record(per_cpu_kind(name), body)
     return out
 
 
