@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     text = "\n\n".join(body)
     print(text)
     if not a.no_record:
-        results.record("Speculative decoding (prompt lookup)", text)
+        results.record(results.per_cpu_kind("Speculative decoding (prompt lookup)"), text)
     return 0
 
 
